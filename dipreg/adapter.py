@@ -1,0 +1,166 @@
+"""The one place that knows where each architecture keeps its decoder layers, final norm and unembedding.
+
+Everything else (lenses, patchscope, hinge loss, degradations) asks a :class:`ModelAdapter`. The adapter
+captures residual streams with forward hooks on the decoder layers, because ``output_hidden_states``
+differs by architecture about whether its last entry is already normed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+# model_type -> (backbone attribute on the *ForCausalLM, layers attribute, final-norm attribute)
+_ARCHITECTURES: dict[str, tuple[str, str, str]] = {
+    "llama": ("model", "layers", "norm"),
+    "mistral": ("model", "layers", "norm"),
+    "qwen2": ("model", "layers", "norm"),
+    "qwen3": ("model", "layers", "norm"),
+    "gemma2": ("model", "layers", "norm"),
+    "gpt2": ("transformer", "h", "ln_f"),
+    "gpt_neox": ("gpt_neox", "layers", "final_layer_norm"),
+}
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ARCHITECTURES)
+
+
+class UnsupportedModelError(TypeError):
+    """The model's architecture is not known to :class:`ModelAdapter`."""
+
+
+def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
+    """Return the HF ``*ForCausalLM`` inside ``model`` (a PEFT ``PeftModel`` or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base) and not isinstance(model, PreTrainedModel):
+        model = get_base()
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(
+            f"Expected a transformers PreTrainedModel (or a PEFT model wrapping one), got {type(model).__name__}."
+        )
+    return model
+
+
+def _output_tensor(output: Tensor | tuple) -> Tensor:
+    # Since transformers 4.56 some decoder layers return a plain tensor, others a tuple.
+    return output if isinstance(output, Tensor) else output[0]
+
+
+@dataclass
+class ModelAdapter:
+    """Architecture-agnostic handles on a causal LM.
+
+    Args:
+        model: an HF causal LM, PEFT-wrapped or not.
+
+    Example:
+        >>> adapter = ModelAdapter(model)  # doctest: +SKIP
+        >>> adapter.num_layers, adapter.final_norm, adapter.lm_head  # doctest: +SKIP
+    """
+
+    model: nn.Module
+
+    def __post_init__(self) -> None:
+        self.causal_lm = unwrap_causal_lm(self.model)
+        model_type = getattr(self.causal_lm.config, "model_type", None)
+        if model_type not in _ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"dipreg does not know the architecture {type(self.causal_lm).__name__} "
+                f"(model_type={model_type!r}). Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        backbone_attr, layers_attr, norm_attr = _ARCHITECTURES[model_type]
+        self.model_type: str = model_type
+        self.backbone: nn.Module = getattr(self.causal_lm, backbone_attr)
+        self.layers: nn.ModuleList = getattr(self.backbone, layers_attr)
+        self.final_norm: nn.Module = getattr(self.backbone, norm_attr)
+        head = self.causal_lm.get_output_embeddings()
+        if head is None:
+            raise UnsupportedModelError(f"{type(self.causal_lm).__name__} has no output embedding (lm_head).")
+        self.lm_head: nn.Linear = head
+        cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
+        self.softcap: float | None = float(cap) if cap else None
+
+    @property
+    def num_layers(self) -> int:
+        """``L``, the number of decoder blocks."""
+        return len(self.layers)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the unembedding weights."""
+        return self.lm_head.weight.device
+
+    def relative_depths(self) -> Tensor:
+        """``ℓ/L`` for ``ℓ = 1..L`` (float32, on CPU)."""
+        return torch.arange(1, self.num_layers + 1, dtype=torch.float32) / self.num_layers
+
+    def unembed_rows(self, normed: Tensor, token_ids: Tensor) -> Tensor:
+        """Logits of selected vocabulary rows only, never the full vocabulary.
+
+        Args:
+            normed: ``(..., N, D)`` residuals already passed through the final norm.
+            token_ids: ``(N,)`` one token id per item.
+
+        Returns:
+            ``(..., N)`` logits, with the head's bias and the final-logit softcap where the model has them.
+        """
+        rows = self.lm_head.weight[token_ids].to(normed.dtype)
+        logits = (normed * rows).sum(-1)
+        bias = getattr(self.lm_head, "bias", None)
+        if bias is not None:
+            logits = logits + bias[token_ids].to(logits.dtype)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def margin(self, residual: Tensor, pos_ids: Tensor, neg_ids: Tensor) -> Tensor:
+        """Logit-lens margin ``U[t_pos]·N(h) − U[t_neg]·N(h)`` for raw residuals ``(..., N, D)``."""
+        normed = self.final_norm(residual)
+        return self.unembed_rows(normed, pos_ids) - self.unembed_rows(normed, neg_ids)
+
+    @contextlib.contextmanager
+    def capture(self, positions: Tensor) -> Iterator[list[Tensor | None]]:
+        """Hook every decoder layer for one forward pass and keep its output at ``positions`` only.
+
+        Args:
+            positions: ``(B,)`` the sequence index to keep for each batch row.
+
+        Yields:
+            A list with one slot per layer, filled with ``(B, D)`` tensors during the forward. Only the
+            first firing of each layer is kept (gradient-checkpoint recomputation fires hooks again), and
+            the hooks are removed on exit. Gradients flow through the captured tensors.
+        """
+        slots: list[Tensor | None] = [None] * self.num_layers
+        rows = torch.arange(positions.shape[0], device=positions.device)
+
+        def make_hook(index: int):
+            def hook(_module: nn.Module, _inputs: tuple, output: Tensor | tuple) -> None:
+                if slots[index] is None:
+                    hidden = _output_tensor(output)
+                    slots[index] = hidden[rows.to(hidden.device), positions.to(hidden.device)]
+
+            return hook
+
+        handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.layers)]
+        try:
+            yield slots
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def residuals(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
+        """Run the backbone once (no LM head) and return the residual stream after every block.
+
+        Returns:
+            ``(L, B, D)``: the output of block ``ℓ`` at ``positions`` for each row.
+        """
+        with self.capture(positions) as slots:
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        missing = [i for i, s in enumerate(slots) if s is None]
+        if missing:
+            raise RuntimeError(f"Decoder layers {missing} did not run during the forward pass.")
+        return torch.stack(slots)  # type: ignore[arg-type]

@@ -1,0 +1,99 @@
+"""`dipreg audit`: trajectories of a pair set under one or more lenses -> table, audit.json, trajectories.png."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from dipreg.artifacts import prepare_out_dir, write_json
+from dipreg.metrics import DEFAULT_WINDOW
+from dipreg.models import load_model
+from dipreg.plots import family_trajectory_figure, save_figure
+from dipreg.prompting import PromptFormat
+from dipreg.stimuli import load_pairs
+from dipreg.trajectory import Trajectories, trajectories
+
+
+def summary_table(title: str, summary: dict[str, Any]) -> Table:
+    """A rich table of a :meth:`Trajectories.summary`: all items, each family, the safety subset."""
+    table = Table(title=title)
+    for column in ("subset", "n", "accuracy", "strict acc", "mean dip", "mean commit", "late-binding"):
+        table.add_column(column, justify="left" if column == "subset" else "right")
+    rows = [("all", summary["all"])]
+    rows += [(f"family: {name}", stats) for name, stats in summary["families"].items()]
+    rows.append(("safety subset", summary["safety"]))
+    for name, stats in rows:
+        if not stats.get("n"):
+            table.add_row(name, "0", "-", "-", "-", "-", "-")
+            continue
+        table.add_row(
+            name,
+            str(stats["n"]),
+            f"{stats['accuracy']:.3f}",
+            f"{stats['strict_accuracy']:.3f}",
+            f"{stats['mean_max_wrong_dip']:.3f}",
+            f"{stats['mean_commit_layer_frac']:.3f}",
+            f"{stats['late_binding_rate']:.3f}",
+        )
+    return table
+
+
+def run_audit(
+    model_name: str | None,
+    pairs_name: str,
+    lenses: list[str],
+    out: str | Path,
+    *,
+    batch_size: int = 16,
+    window: tuple[float, float] = DEFAULT_WINDOW,
+    prompt: str = "auto",
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Measure trajectories under every lens, print a table per lens, write ``audit.json`` and
+    ``trajectories.png`` into ``out``, and return the JSON payload.
+
+    ``audit.json`` holds ``items`` and ``summary`` of the first lens at top level, and every lens under
+    ``lenses[name]``.
+    """
+    console = console or Console()
+    out_dir = prepare_out_dir(out)
+    pairs = load_pairs(pairs_name)
+    model, tokenizer = load_model(model_name)
+    prompt_format = PromptFormat(prompt)  # type: ignore[arg-type]
+    results: dict[str, Trajectories] = {}
+    for lens in lenses:
+        results[lens] = trajectories(
+            model,
+            tokenizer,
+            pairs,
+            lens=lens,
+            batch_size=batch_size,
+            window=window,
+            prompt=prompt_format,
+            progress=True,
+        )
+    blocks = {name: {"items": t.item_records(), "summary": t.summary()} for name, t in results.items()}
+    first = blocks[lenses[0]]
+    payload = {
+        "model": model_name or "default:SmolLM2-135M-Instruct",
+        "pairs": str(pairs_name),
+        "num_pairs": len(pairs),
+        "num_layers": results[lenses[0]].num_layers,
+        "window": list(window),
+        "prompt": prompt_format.resolved(tokenizer),
+        "lens": lenses[0],
+        "items": first["items"],
+        "summary": first["summary"],
+        "lenses": blocks,
+    }
+    write_json(out_dir / "audit.json", payload)
+    save_figure(family_trajectory_figure(results), out_dir / "trajectories.png")
+    for name, block in blocks.items():
+        console.print(
+            summary_table(f"dipreg audit — {payload['model']} on {pairs_name} ({name} lens)", block["summary"])
+        )
+    console.print(f"wrote {out_dir / 'audit.json'} and {out_dir / 'trajectories.png'}")
+    return payload

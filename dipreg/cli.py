@@ -1,0 +1,126 @@
+"""The `dipreg` console script: one sub-command per job, each taking --model and --out.
+
+Sub-command modules are imported only when their command runs, so `dipreg audit` never loads Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from rich.console import Console
+
+from dipreg.adapter import UnsupportedModelError
+from dipreg.metrics import DEFAULT_WINDOW
+from dipreg.models import ModelLoadError
+from dipreg.prompting import PROMPT_STYLES
+
+Handler = Callable[[argparse.Namespace], int]
+#: name -> (help, add_arguments, handler); later sub-commands register here.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handler]] = {}
+
+
+def command(name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    """Register a sub-command handler."""
+
+    def register(handler: Handler) -> Handler:
+        COMMANDS[name] = (help_text, add_arguments, handler)
+        return handler
+
+    return register
+
+
+def add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """--model and --out, shared by every command."""
+    parser.add_argument("--model", default=None, help="HF name or local path (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
+
+
+def add_prompt(parser: argparse.ArgumentParser) -> None:
+    """--prompt: how contexts are shown to the model."""
+    parser.add_argument(
+        "--prompt",
+        choices=PROMPT_STYLES,
+        default="auto",
+        help="auto: the chat template when the tokenizer has one (question as user turn, 'Answer:' opening the "
+        "assistant turn), else raw text (default: auto)",
+    )
+
+
+def csv_list(text: str) -> list[str]:
+    """Split a comma-separated option into its non-empty parts."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def window_arg(text: str) -> tuple[float, float]:
+    """Parse ``lo,hi``."""
+    parts = csv_list(text)
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.25,0.90), got {text!r}")
+    return float(parts[0]), float(parts[1])
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    add_common(p, "runs/audit")
+    p.add_argument("--pairs", default="core", help="core | role_binding | FILE.jsonl (default: core)")
+    p.add_argument("--lens", default="logit", type=csv_list, help="comma-separated lenses (default: logit)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--window", type=window_arg, default=DEFAULT_WINDOW, help="dip window LO,HI (default 0.25,0.90)")
+    add_prompt(p)
+
+
+@command("audit", "layer-wise DiD trajectories, dips and commit depths of a pair set", _audit_args)
+def _audit(args: argparse.Namespace) -> int:
+    from dipreg.audit import run_audit
+
+    run_audit(
+        args.model,
+        args.pairs,
+        args.lens,
+        args.out,
+        batch_size=args.batch_size,
+        window=args.window,
+        prompt=args.prompt,
+    )
+    return 0
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    add_common(p, "runs/bench")
+    p.add_argument("--pairs", default="core", help="pair set to time on (default: core)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median kept)")
+    p.add_argument("--batch-size", type=int, default=16)
+
+
+@command("bench", "speed and memory ratios against references measured in the same run", _bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    from dipreg.bench import run_bench
+
+    run_bench(args.model, args.pairs, args.out, repeats=args.repeats, batch_size=args.batch_size)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every registered sub-command."""
+    parser = argparse.ArgumentParser(prog="dipreg", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_arguments, handler) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dipreg`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, ModelLoadError, UnsupportedModelError) as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

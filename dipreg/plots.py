@@ -1,0 +1,46 @@
+"""Figures of DiD trajectories (matplotlib, Agg backend). Figures are returned or saved, then closed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from dipreg.trajectory import Trajectories
+
+
+def family_trajectory_figure(by_lens: Mapping[str, Trajectories]) -> Figure:
+    """One panel per lens: mean DiD per family against relative depth, the wrong side (DiD < 0) shaded,
+    the dip window marked."""
+    fig, axes = plt.subplots(1, len(by_lens), figsize=(5.2 * len(by_lens), 3.8), squeeze=False)
+    for ax, (lens, traj) in zip(axes[0], by_lens.items(), strict=True):
+        depth = (traj.did.new_tensor(range(1, traj.num_layers + 1)) / traj.num_layers).numpy()
+        families = sorted({p.family for p in traj.pairs})
+        for family in families:
+            rows = [i for i, p in enumerate(traj.pairs) if p.family == family]
+            ax.plot(depth, traj.did[rows].mean(0).numpy(), marker=".", label=f"{family} (n={len(rows)})")
+        lo, hi = traj.window
+        ax.axvspan(lo, hi, color="0.92", zorder=0, label="dip window")
+        bottom = min(ax.get_ylim()[0], -0.1)
+        ax.axhspan(bottom, 0.0, color="tab:red", alpha=0.08, zorder=0, label="wrong side")
+        ax.set_ylim(bottom=bottom)
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_xlabel("relative depth ℓ/L")
+        ax.set_ylabel("mean DiD(ℓ)")
+        ax.set_title(f"{lens} lens")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Save ``fig`` as PNG and close it."""
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

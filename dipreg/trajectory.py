@@ -1,0 +1,273 @@
+"""Layer-wise DiD trajectories of minimal pairs: one batched forward per context, two unembedding rows.
+
+Data flows stimuli -> tokens -> residuals at the answer position (hooks) -> lens margins -> DiD -> statistics.
+This module measures; it never changes the model (eval mode and no grad for the call, mode restored after).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.progress import track
+from torch import Tensor, nn
+
+from dipreg import metrics
+from dipreg.adapter import ModelAdapter
+from dipreg.lenses import Lens, resolve_lens
+from dipreg.prompting import PromptFormat
+from dipreg.stimuli import MinimalPair, StimulusError, candidate_token_ids
+
+#: An item whose internal preference still disagrees with the output at or beyond this relative depth
+#: binds its answer late (the paper's "late-binding rate").
+LATE_BINDING_DEPTH = 0.90
+DEFAULT_PROMPT = PromptFormat()
+
+
+@dataclass
+class Trajectories:
+    """DiD trajectories of a set of minimal pairs under one lens.
+
+    Attributes:
+        pairs: the pairs, in input order.
+        lens: the lens name.
+        margin_a: ``(N, L)`` margins of ``ctx_a`` per layer.
+        margin_b: ``(N, L)`` margins of ``ctx_b`` per layer.
+        window: relative-depth window of ``max_wrong_dip``.
+    """
+
+    pairs: list[MinimalPair]
+    lens: str
+    margin_a: Tensor
+    margin_b: Tensor
+    window: tuple[float, float] = metrics.DEFAULT_WINDOW
+    did: Tensor = field(init=False)
+    max_wrong_dip: Tensor = field(init=False)
+    commit_layer_frac: Tensor = field(init=False)
+    correct: Tensor = field(init=False)
+    strict_correct: Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.did = self.margin_a - self.margin_b
+        self.max_wrong_dip = metrics.max_wrong_dip(self.did, self.window)
+        self.commit_layer_frac = metrics.commit_layer_frac(self.did)
+        self.correct = metrics.pair_correct(self.did)
+        self.strict_correct = metrics.strict_correct(self.margin_a, self.margin_b)
+
+    @property
+    def num_layers(self) -> int:
+        """``L``."""
+        return self.did.shape[-1]
+
+    def item_records(self) -> list[dict[str, Any]]:
+        """One JSON-ready dict per item (DiD and both margins over layers plus the statistics)."""
+        return [
+            {
+                "id": pair.id,
+                "family": pair.family,
+                "safety": pair.safety,
+                "category": pair.category,
+                "did": self.did[i].tolist(),
+                "margin_a": self.margin_a[i].tolist(),
+                "margin_b": self.margin_b[i].tolist(),
+                "max_wrong_dip": float(self.max_wrong_dip[i]),
+                "commit_layer_frac": float(self.commit_layer_frac[i]),
+                "correct": bool(self.correct[i]),
+                "strict_correct": bool(self.strict_correct[i]),
+            }
+            for i, pair in enumerate(self.pairs)
+        ]
+
+    def subset_summary(self, mask: Tensor) -> dict[str, float]:
+        """Accuracy, strict accuracy, mean dip, mean commit and late-binding rate over ``mask``."""
+        n = int(mask.sum())
+        if n == 0:
+            return {"n": 0}
+        return {
+            "n": n,
+            "accuracy": float(self.correct[mask].float().mean()),
+            "strict_accuracy": float(self.strict_correct[mask].float().mean()),
+            "mean_max_wrong_dip": float(self.max_wrong_dip[mask].mean()),
+            "mean_commit_layer_frac": float(self.commit_layer_frac[mask].mean()),
+            "late_binding_rate": float((self.commit_layer_frac[mask] >= LATE_BINDING_DEPTH).float().mean()),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Summary over all items, per family, and over the safety subset."""
+        fam_of = [p.family for p in self.pairs]
+        families = sorted(set(fam_of))
+        safety = torch.tensor([p.safety for p in self.pairs], dtype=torch.bool)
+        return {
+            "lens": self.lens,
+            "num_layers": self.num_layers,
+            "window": list(self.window),
+            "all": self.subset_summary(torch.ones(len(self.pairs), dtype=torch.bool)),
+            "families": {
+                f: self.subset_summary(torch.tensor([g == f for g in fam_of], dtype=torch.bool)) for f in families
+            },
+            "safety": self.subset_summary(safety),
+        }
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) if config is not None else None
+
+
+def _tokenize_contexts(
+    tokenizer: Any, pairs: Sequence[MinimalPair], limit: int | None, prompt: PromptFormat
+) -> list[list[int]]:
+    """Token ids of ``ctx_a, ctx_b`` for every pair, interleaved; errors name every context that is too long."""
+    texts = [prompt.render(ctx, tokenizer) for p in pairs for ctx in (p.ctx_a, p.ctx_b)]
+    encoded = tokenizer(texts, add_special_tokens=prompt.add_special_tokens(tokenizer))["input_ids"]
+    if limit is not None:
+        too_long = [
+            f"{pairs[i // 2].id} ({'ctx_a' if i % 2 == 0 else 'ctx_b'}: {len(ids)} tokens)"
+            for i, ids in enumerate(encoded)
+            if len(ids) > limit
+        ]
+        if too_long:
+            raise StimulusError(
+                f"{len(too_long)} context(s) exceed the model's window of {limit} tokens: "
+                + ", ".join(too_long)
+                + ". Shorten these contexts or use a model with a longer window."
+            )
+    if any(len(ids) == 0 for ids in encoded):
+        empty = sorted({pairs[i // 2].id for i, ids in enumerate(encoded) if len(ids) == 0})
+        raise StimulusError(f"Empty context(s) in {', '.join(empty)}: every context needs at least one token.")
+    return encoded
+
+
+def _pad_right(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad so that every real token keeps its position id; return ids, mask and last positions."""
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        mask[row, : len(ids)] = 1
+    last = torch.tensor([len(ids) - 1 for ids in batch])
+    return input_ids.to(device), mask.to(device), last.to(device)
+
+
+@dataclass(frozen=True)
+class ContextBatch:
+    """One right-padded batch of contexts: ``rows`` are indices into the interleaved context list."""
+
+    rows: Tensor
+    input_ids: Tensor
+    attention_mask: Tensor
+    last: Tensor
+
+
+def context_batches(
+    tokenizer: Any,
+    pairs: Sequence[MinimalPair],
+    batch_size: int,
+    adapter: ModelAdapter,
+    prompt: PromptFormat = DEFAULT_PROMPT,
+) -> list[ContextBatch]:
+    """Tokenize ``ctx_a, ctx_b`` of every pair (interleaved: row ``2i`` is pair i's a, ``2i+1`` its b), sort
+    by length (less padding) and cut into right-padded batches on the model's device."""
+    encoded = _tokenize_contexts(tokenizer, pairs, _max_positions(adapter.causal_lm), prompt)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, mask, last = _pad_right([encoded[i] for i in rows], pad_id, adapter.device)
+        batches.append(ContextBatch(torch.tensor(rows), input_ids, mask, last))
+    return batches
+
+
+@torch.no_grad()
+def context_margins(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[MinimalPair],
+    lens: Lens,
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    adapter: ModelAdapter | None = None,
+    prompt: PromptFormat = DEFAULT_PROMPT,
+) -> tuple[Tensor, Tensor]:
+    """Per-layer margins of ``ctx_a`` and ``ctx_b`` for every pair, ``(N, L)`` each, in input order.
+
+    Contexts are right-padded and read at their own last token, so a batched run equals one-at-a-time runs.
+    """
+    adapter = adapter or ModelAdapter(model)
+    pos, neg = candidate_token_ids(pairs, tokenizer)
+    pos_ids = torch.tensor(pos).repeat_interleave(2).to(adapter.device)
+    neg_ids = torch.tensor(neg).repeat_interleave(2).to(adapter.device)
+    batches = context_batches(tokenizer, pairs, batch_size, adapter, prompt)
+    out = torch.empty(2 * len(pairs), adapter.num_layers)
+    was_training = adapter.model.training
+    adapter.model.eval()
+    try:
+        for batch in track(batches, description=f"{lens.name} lens", disable=not progress, transient=True):
+            residuals = adapter.residuals(batch.input_ids, batch.attention_mask, batch.last)
+            rows = batch.rows.to(adapter.device)
+            margins = lens.margins(adapter, residuals, pos_ids[rows], neg_ids[rows])
+            out[batch.rows] = margins.float().T.cpu()
+    finally:
+        adapter.model.train(was_training)
+    return out[0::2], out[1::2]
+
+
+def trajectories(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[MinimalPair],
+    lens: str | Lens = "logit",
+    *,
+    batch_size: int = 16,
+    window: tuple[float, float] = metrics.DEFAULT_WINDOW,
+    prompt: PromptFormat | str = DEFAULT_PROMPT,
+    progress: bool = False,
+    **lens_options: Any,
+) -> Trajectories:
+    """Measure the DiD trajectory of every minimal pair.
+
+    Args:
+        model: an HF causal LM (PEFT-wrapped or not).
+        tokenizer: its tokenizer; every candidate must be one token for it (audited, errors name the items).
+        pairs: the minimal pairs.
+        lens: ``"logit"`` (default), another registered lens name, or a :class:`~dipreg.lenses.Lens`.
+        batch_size: contexts per forward pass.
+        window: relative-depth window of ``max_wrong_dip``.
+        prompt: how contexts are shown to the model: a :class:`~dipreg.prompting.PromptFormat` or a style
+            name (``"auto"``: the chat template when the tokenizer has one, else raw text).
+        progress: show a progress bar.
+        **lens_options: passed to the lens factory.
+
+    Returns:
+        :class:`Trajectories` with DiD, margins and item statistics.
+
+    Example:
+        >>> model, tok = dipreg.load_model()  # doctest: +SKIP
+        >>> traj = dipreg.trajectories(model, tok, dipreg.stimuli.load_pairs("core"))  # doctest: +SKIP
+        >>> traj.summary()["all"]["accuracy"]  # doctest: +SKIP
+    """
+    pairs = list(pairs)
+    if not pairs:
+        raise StimulusError("No minimal pairs given: pass at least one pair (see dipreg.stimuli.load_pairs).")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    window = metrics.validate_window(window)
+    prompt = PromptFormat(prompt) if isinstance(prompt, str) else prompt
+    adapter = ModelAdapter(model)
+    lens_obj = resolve_lens(lens, adapter, tokenizer, **lens_options)
+    margin_a, margin_b = context_margins(
+        model,
+        tokenizer,
+        pairs,
+        lens_obj,
+        batch_size=batch_size,
+        progress=progress,
+        adapter=adapter,
+        prompt=prompt,
+    )
+    return Trajectories(pairs=pairs, lens=lens_obj.name, margin_a=margin_a, margin_b=margin_b, window=window)

@@ -1,0 +1,1 @@
+"""Degradation operators, readouts, statistics and reports (installed as dipreg.eval)."""

@@ -1,0 +1,1 @@
+"""YAML recipes of the training arms (installed as dipreg.recipes)."""
