@@ -91,13 +91,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", default="core", help="pair set to time on (default: core)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median kept)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--naive-pairs", type=int, default=32, help="pairs for the slow naive references (default: 32)")
 
 
 @command("bench", "speed and memory ratios against references measured in the same run", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
     from dipreg.bench import run_bench
 
-    run_bench(args.model, args.pairs, args.out, repeats=args.repeats, batch_size=args.batch_size)
+    run_bench(
+        args.model, args.pairs, args.out, repeats=args.repeats, batch_size=args.batch_size, naive_pairs=args.naive_pairs
+    )
     return 0
 
 
