@@ -30,14 +30,16 @@ def flips(intact_correct: ArrayLike, degraded_correct: ArrayLike) -> np.ndarray:
 
 
 def tertiles(values: ArrayLike) -> np.ndarray:
-    """Tertile of each value (0 low, 1 middle, 2 high) by average rank, so tied values share a tertile.
+    """Tertile of each value (0 low, 1 middle, 2 high) from the 1/3 and 2/3 quantiles (linear interpolation).
 
-    Low: rank ≤ n/3; high: rank > 2n/3.
+    Low: ``x ≤ q(1/3)``; high: ``x > q(2/3)``. Tied values always share a tertile, so with many ties (e.g. many
+    zero dips) a tertile can hold more or fewer than a third of the items; ``stratify`` reports the counts.
     """
     x = np.asarray(values, dtype=float).reshape(-1)
-    ranks = stats.rankdata(x, method="average")
-    n = len(x)
-    return np.where(ranks <= n / 3, 0, np.where(ranks > 2 * n / 3, 2, 1))
+    if len(x) == 0:
+        return np.zeros(0, dtype=int)
+    lo, hi = np.quantile(x, [1 / 3, 2 / 3])
+    return np.where(x <= lo, 0, np.where(x > hi, 2, 1))
 
 
 def mann_whitney(dying: ArrayLike, surviving: ArrayLike) -> dict[str, Any]:
@@ -120,7 +122,7 @@ def stratify(predictor: ArrayLike, intact_correct: ArrayLike, degraded_correct: 
         notes.append("no item is correct on the intact model: nothing can flip.")
     elif out["n_flips"] == 0:
         notes.append("no flips: flip stratification is undefined.")
-    tert = tertiles(xr) if len(xr) else np.zeros(0, dtype=int)
+    tert = tertiles(xr)
     low, high = _rate(tert == 0, fr), _rate(tert == 2, fr)
     ratio = high / low if low > 0 else NAN
     if low == 0 and high > 0:
