@@ -118,15 +118,13 @@ def _svd(adapter: ModelAdapter, ledger: Ledger, layers: list[int], *, op: str, r
 
 def _sliced_linear(linear: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
     """A new Linear holding only the ``keep`` rows (dim 0: outputs) or columns (dim 1: inputs) of ``linear``."""
-    weight = linear.weight.detach().index_select(dim, keep).clone()
-    out_features, in_features = weight.shape
+    weight = linear.weight.detach().index_select(dim, keep)
     bias = linear.bias
-    new = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias.detach() if dim == 1 else bias.detach().index_select(0, keep))
-    new.weight.requires_grad_(linear.weight.requires_grad)
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init allocation
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        kept_bias = bias.detach().clone() if dim == 1 else bias.detach().index_select(0, keep)
+        new.bias = nn.Parameter(kept_bias, requires_grad=bias.requires_grad)
     return new
 
 
@@ -194,7 +192,10 @@ def _deprive(adapter: ModelAdapter, ledger: Ledger, layers: list[int], *, alpha:
 
 
 def _check_fraction(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    value = float(value)
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as err:
+        raise DegradeError(f"{name}={value!r} must be a number (a fraction of depth).") from err
     ok = (0.0 <= value <= 1.0) if allow_zero else (0.0 < value <= 1.0)
     if not ok:
         interval = "[0, 1]" if allow_zero else "(0, 1]"

@@ -336,3 +336,16 @@ def test_parse_ops_reads_the_cli_spec():
 def test_parse_ops_rejects_bad_specs(spec, message):
     with pytest.raises(DegradeError, match=message):
         parse_ops(spec)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma2", "gpt_neox"])
+def test_other_architectures_are_degraded_and_restored(arch, ids):
+    tiny = make_tiny_model(arch)
+    before, checksum = snapshot(tiny), state_checksum(tiny)
+    with torch.no_grad():
+        intact = tiny(input_ids=ids).logits
+        for op, params in [("late_svd", {"rank": 2}), ("mid_prune", {}), ("nf4", {}), ("deprive", {"alpha": 0.5})]:
+            with degrade(tiny, op, **params):
+                assert not torch.equal(tiny(input_ids=ids).logits, intact), (arch, op)
+    assert_identical(tiny, before)
+    assert state_checksum(tiny) == checksum
