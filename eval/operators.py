@@ -1,0 +1,406 @@
+"""The degradation operators and ``degrade``, the context manager that applies one to a live model.
+
+Every operator changes the model only through a :class:`~dipreg.eval.ledger.Ledger`, so leaving the context
+(normally or by an exception) restores the model bit-exactly while copying only the weights that changed.
+Layer choices are relative depths; the defaults follow the paper (§5.2–5.5, §6.6) and are listed in README.
+This module must not measure anything: readouts live in ``dipreg.trajectories``, statistics in ``stats``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from dipreg.eval import quantize
+from dipreg.eval.ledger import Ledger
+from dipreg.eval.mlp import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
+from torch import Tensor, nn
+
+from dipreg.adapter import ModelAdapter
+
+#: The paper's structural + quantization contrast: what `dipreg degrade` runs without --ops.
+DEFAULT_OPS = "late_svd:rank=64,mid_svd:rank=64,rtn:bits=3,late_drop,mid_prune,deprive:alpha=0"
+
+
+class DegradeError(ValueError):
+    """Bad operator name or parameters."""
+
+
+@dataclass
+class DegradeReport:
+    """What an operator did: the blocks it touched (0-based), the bytes it copied, and operator details."""
+
+    op: str
+    params: dict[str, Any]
+    layers: list[int]
+    backup_bytes: int = 0
+    new_bytes: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready view."""
+        return {
+            "op": self.op,
+            "params": self.params,
+            "layers": self.layers,
+            "backup_bytes": self.backup_bytes,
+            "new_bytes": self.new_bytes,
+            "details": self.details,
+        }
+
+
+# ---------------------------------------------------------------- layer selection
+
+
+def _count(fraction: float, num_layers: int) -> int:
+    """``fraction`` of ``num_layers`` blocks, rounded half up, at least one (0.125 of 30 -> 4)."""
+    return max(1, math.floor(fraction * num_layers + 0.5))
+
+
+def range_layers(num_layers: int, start: float, end: float) -> list[int]:
+    """0-based indices of the blocks ``ℓ`` (1-based) with ``start < ℓ/L ≤ end``."""
+    return [i for i in range(num_layers) if start + 1e-9 < (i + 1) / num_layers <= end + 1e-9]
+
+
+def span_layers(num_layers: int, fraction: float, end: float) -> list[int]:
+    """The ``_count(fraction)`` consecutive blocks whose last block is ``ℓ = round_half_up(end·L)``."""
+    n = _count(fraction, num_layers)
+    last = min(num_layers, max(n, math.floor(end * num_layers + 0.5)))
+    return list(range(last - n, last))
+
+
+# ---------------------------------------------------------------- operators
+
+
+def _quantize_blocks(adapter: ModelAdapter, ledger: Ledger, op: str, fn: Callable[[Tensor], Tensor]) -> dict:
+    linears = block_linears(adapter, op)
+    for _name, linear in linears:
+        ledger.overwrite(linear.weight, fn(linear.weight))
+    return {"matrices": len(linears)}
+
+
+def _rtn(adapter: ModelAdapter, ledger: Ledger, *, bits: int, group_size: int | None) -> dict:
+    return _quantize_blocks(adapter, ledger, "rtn", lambda w: quantize.rtn(w, bits, group_size))
+
+
+def _int8(adapter: ModelAdapter, ledger: Ledger) -> dict:
+    return _quantize_blocks(adapter, ledger, "int8", lambda w: quantize.rtn(w, 8))
+
+
+def _nf4(adapter: ModelAdapter, ledger: Ledger, *, block_size: int) -> dict:
+    return _quantize_blocks(adapter, ledger, "nf4", lambda w: quantize.nf4(w, block_size))
+
+
+def truncated_svd(weight: Tensor, rank: int) -> Tensor:
+    """Best rank-``rank`` approximation of a matrix (``torch.linalg.svd``), in the matrix's dtype."""
+    u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).to(weight.dtype)
+
+
+def _svd(adapter: ModelAdapter, ledger: Ledger, layers: list[int], *, op: str, rank: int) -> dict:
+    mlps = [mlp_modules(adapter, i, op) for i in layers]
+    for i, mlp in zip(layers, mlps, strict=True):
+        for name, linear in zip([*mlp.input_names, mlp.output_name], mlp.base_linears(), strict=True):
+            if rank > min(linear.weight.shape):
+                raise DegradeError(
+                    f"{op}: rank={rank} exceeds the {tuple(linear.weight.shape)} matrix of block {i} mlp.{name}; "
+                    f"choose rank <= {min(linear.weight.shape)}."
+                )
+    for mlp in mlps:
+        for linear in mlp.base_linears():
+            ledger.overwrite(linear.weight, truncated_svd(linear.weight, rank))
+    return {"matrices": sum(len(mlp.base_linears()) for mlp in mlps)}
+
+
+def _sliced_linear(linear: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
+    """A new Linear holding only the ``keep`` rows (dim 0: outputs) or columns (dim 1: inputs) of ``linear``."""
+    weight = linear.weight.detach().index_select(dim, keep)
+    bias = linear.bias
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init allocation
+    new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
+    if bias is not None:
+        kept_bias = bias.detach().clone() if dim == 1 else bias.detach().index_select(0, keep)
+        new.bias = nn.Parameter(kept_bias, requires_grad=bias.requires_grad)
+    return new
+
+
+def _prune(adapter: ModelAdapter, ledger: Ledger, layers: list[int], *, fraction: float) -> dict:
+    mlps = [mlp_modules(adapter, i, "mid_prune") for i in layers]
+    for i, mlp in zip(layers, mlps, strict=True):
+        wrapped = [
+            n
+            for n, m in zip([*mlp.input_names, mlp.output_name], [*mlp.inputs, mlp.output], strict=True)
+            if is_peft_wrapped(m)
+        ]
+        if wrapped:
+            raise UnsupportedOperatorError(
+                f"mid_prune cannot shrink the PEFT-wrapped MLP module(s) {wrapped} of block {i}: their LoRA "
+                "matrices would no longer fit. Prune a merged copy (merge_and_unload) or target attention only."
+            )
+    sizes = []
+    for mlp in mlps:
+        inputs, output = mlp.inputs, mlp.output
+        width = output.weight.shape[1]
+        # L2 importance of intermediate channel j: the norm of every weight attached to it (its rows in the input
+        # projections and its column in the output projection).
+        importance = sum(m.weight.detach().float().pow(2).sum(1) for m in inputs) + output.weight.detach().float().pow(
+            2
+        ).sum(0)
+        removed = math.floor(fraction * width)
+        if removed >= width:
+            raise DegradeError(f"mid_prune: fraction={fraction} would remove all {width} channels; use < 1.")
+        keep = torch.sort(torch.argsort(importance, descending=True)[: width - removed]).values
+        for name, module in zip(mlp.input_names, inputs, strict=True):
+            ledger.replace_module(mlp.module, name, _sliced_linear(module, keep, 0))
+        ledger.replace_module(mlp.module, mlp.output_name, _sliced_linear(output, keep, 1))
+        sizes.append(width - removed)
+    return {"intermediate_size": sizes}
+
+
+def _residual_hook(alpha: float) -> Callable:
+    """Forward hook making a block return ``in + α·(block(in) − in)``; α = 0 returns ``in`` itself."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> Tensor | tuple:
+        hidden_in = args[0] if args else kwargs["hidden_states"]
+        hidden_out = output if isinstance(output, Tensor) else output[0]
+        new = hidden_in if alpha == 0.0 else hidden_in + alpha * (hidden_out - hidden_in)
+        return new if isinstance(output, Tensor) else (new, *output[1:])
+
+    return hook
+
+
+def _scale_blocks(adapter: ModelAdapter, ledger: Ledger, layers: list[int], alpha: float) -> dict:
+    if alpha != 1.0:  # α = 1 is the identity: install nothing, so it is an exact no-op.
+        for i in layers:
+            ledger.hook(adapter.layers[i].register_forward_hook(_residual_hook(alpha), with_kwargs=True))
+    return {"alpha": alpha}
+
+
+def _drop(adapter: ModelAdapter, ledger: Ledger, layers: list[int], **_: Any) -> dict:
+    return _scale_blocks(adapter, ledger, layers, 0.0)
+
+
+def _deprive(adapter: ModelAdapter, ledger: Ledger, layers: list[int], *, alpha: float, **_: Any) -> dict:
+    return _scale_blocks(adapter, ledger, layers, alpha)
+
+
+# ---------------------------------------------------------------- registry and validation
+
+
+def _check_fraction(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as err:
+        raise DegradeError(f"{name}={value!r} must be a number (a fraction of depth).") from err
+    ok = (0.0 <= value <= 1.0) if allow_zero else (0.0 < value <= 1.0)
+    if not ok:
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise DegradeError(f"{name}={value} must be a fraction of depth in {interval}.")
+    return value
+
+
+@dataclass(frozen=True)
+class Operator:
+    """A registered operator: its defaults, how it picks blocks, and the function that applies it."""
+
+    name: str
+    doc: str
+    defaults: dict[str, Any]
+    apply: Callable[..., dict]
+    layers: Callable[[int, dict[str, Any]], list[int]] | None = None
+
+    def validate(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``params`` over the defaults and check every value; errors say what to pass instead."""
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            allowed = ", ".join(self.defaults) or "none"
+            raise DegradeError(f"Operator {self.name!r} has no parameter(s) {unknown}; its parameters: {allowed}.")
+        merged = {**self.defaults, **params}
+        for key in ("fraction", "end"):
+            if key in merged:
+                merged[key] = _check_fraction(f"{self.name}: {key}", merged[key])
+        if "start" in merged:
+            merged["start"] = _check_fraction(f"{self.name}: start", merged["start"], allow_zero=True)
+            if merged["start"] >= merged["end"]:
+                raise DegradeError(f"{self.name}: start={merged['start']} must be below end={merged['end']}.")
+        if "bits" in merged and merged["bits"] not in quantize.RTN_BITS:
+            raise DegradeError(f"{self.name}: bits={merged['bits']} is not supported; use one of {quantize.RTN_BITS}.")
+        for key in ("rank", "group_size", "block_size"):
+            value = merged.get(key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise DegradeError(f"{self.name}: {key}={value!r} must be a positive integer.")
+        if "alpha" in merged:
+            merged["alpha"] = float(merged["alpha"])
+            if not 0.0 <= merged["alpha"] <= 1.0:
+                raise DegradeError(f"{self.name}: alpha={merged['alpha']} must lie in [0, 1] (1 = intact).")
+        return merged
+
+
+def _in_range(num_layers: int, p: dict[str, Any]) -> list[int]:
+    return range_layers(num_layers, p["start"], p["end"])
+
+
+def _span(num_layers: int, p: dict[str, Any]) -> list[int]:
+    return span_layers(num_layers, p["fraction"], p["end"])
+
+
+def _svd_op(name: str, start: float, end: float, where: str) -> Operator:
+    return Operator(
+        name,
+        f"truncated SVD (rank r) of every MLP matrix in the {where} blocks (start < ℓ/L ≤ end)",
+        {"rank": 64, "start": start, "end": end},
+        lambda a, led, layers, rank, **_: _svd(a, led, layers, op=name, rank=rank),
+        _in_range,
+    )
+
+
+OPERATORS: dict[str, Operator] = {
+    op.name: op
+    for op in (
+        Operator(
+            "rtn",
+            "round-to-nearest symmetric quantization of every Linear weight in the decoder blocks, per output "
+            "channel or per group of group_size inputs (embeddings and LM head untouched)",
+            {"bits": 4, "group_size": None},
+            lambda a, led, layers, **p: _rtn(a, led, **p),
+        ),
+        Operator(
+            "nf4",
+            "blockwise NF4 (absmax per block of block_size values) of every Linear weight in the decoder blocks",
+            {"block_size": 64},
+            lambda a, led, layers, **p: _nf4(a, led, **p),
+        ),
+        Operator(
+            "int8",
+            "whole-depth 8-bit per-output-channel absmax quantization (LLM.int8 without the outlier path)",
+            {},
+            lambda a, led, layers: _int8(a, led),
+        ),
+        _svd_op("late_svd", 0.75, 1.0, "late"),
+        _svd_op("mid_svd", 0.375, 0.625, "mid"),
+        Operator(
+            "late_drop",
+            "identity replacement of fraction·L consecutive blocks ending at relative depth end",
+            {"fraction": 0.125, "end": 1.0},
+            _drop,
+            _span,
+        ),
+        Operator(
+            "mid_drop",
+            "identity replacement of fraction·L consecutive blocks ending at relative depth end",
+            {"fraction": 0.125, "end": 0.5625},
+            _drop,
+            _span,
+        ),
+        Operator(
+            "mid_prune",
+            "structured pruning: remove the fraction of MLP intermediate channels with the lowest L2 importance "
+            "in the blocks with start < ℓ/L ≤ end",
+            {"fraction": 0.5, "start": 0.375, "end": 0.625},
+            lambda a, led, layers, fraction, **_: _prune(a, led, layers, fraction=fraction),
+            _in_range,
+        ),
+        Operator(
+            "deprive",
+            "scale the residual contribution of the last fraction·L blocks by alpha: out = in + α·(block(in) − in)",
+            {"alpha": 0.0, "fraction": 0.15, "end": 1.0},
+            _deprive,
+            _span,
+        ),
+    )
+}
+
+
+def get_operator(name: str) -> Operator:
+    """The registered operator ``name``; a clear error listing the known ones otherwise."""
+    if name not in OPERATORS:
+        raise DegradeError(f"Unknown degradation operator {name!r}; known operators: {', '.join(OPERATORS)}.")
+    return OPERATORS[name]
+
+
+@contextlib.contextmanager
+def degrade(model: nn.Module, op: str, **params: Any) -> Iterator[DegradeReport]:
+    """Apply degradation ``op`` to ``model`` in place for the body of a ``with`` block, then restore it.
+
+    The model (plain HF or PEFT-wrapped) is restored bit-exactly on exit, also when the body raises. Only the
+    weights an operator changes are copied (quantization, SVD); pruning swaps in smaller modules and keeps the
+    originals by reference; block dropping and deprivation use forward hooks and copy nothing.
+
+    Args:
+        model: the live model.
+        op: an operator name from :data:`OPERATORS`.
+        **params: operator parameters (see README "Degradations" for every default).
+
+    Yields:
+        A :class:`DegradeReport` (blocks touched, bytes copied, details).
+
+    Example:
+        >>> with degrade(model, "late_svd", rank=64) as report:  # doctest: +SKIP
+        ...     traj = dipreg.trajectories(model, tokenizer, pairs)
+    """
+    operator = get_operator(op)
+    merged = operator.validate(params)
+    adapter = ModelAdapter(model)
+    layers = operator.layers(adapter.num_layers, merged) if operator.layers else list(range(adapter.num_layers))
+    if not layers:
+        raise DegradeError(f"{op}: the parameters {merged} select no decoder block of {adapter.num_layers}.")
+    ledger = Ledger()
+    apply_params = {k: v for k, v in merged.items() if k not in ("start", "end")}
+    try:
+        details = operator.apply(adapter, ledger, layers, **apply_params)
+        yield DegradeReport(op, merged, layers, ledger.backup_bytes, ledger.new_bytes, details)
+    finally:
+        ledger.restore()
+
+
+# ---------------------------------------------------------------- CLI spec
+
+
+def _value(text: str) -> Any:
+    if text.lower() == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    raise DegradeError(f"Parameter value {text!r} is not a number (or 'none').")
+
+
+def parse_ops(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """Parse ``late_svd:rank=64,rtn:bits=4,group_size=128,late_drop`` into ``[(op, params), ...]``.
+
+    Commas separate items; ``name`` or ``name:key=value`` starts an operator; a bare ``key=value`` adds a
+    parameter to the operator before it. Every operator and parameter is validated.
+    """
+    ops: list[tuple[str, dict[str, Any]]] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if ":" in item or "=" not in item:
+            name, _, rest = item.partition(":")
+            get_operator(name.strip())
+            ops.append((name.strip(), {}))
+            item = rest
+            if not item:
+                continue
+        if not ops:
+            raise DegradeError(f"Parameter {item!r} comes before any operator in --ops {spec!r}.")
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DegradeError(f"Expected key=value after {ops[-1][0]!r} in --ops, got {item!r}.")
+        ops[-1][1][key.strip()] = _value(value.strip())
+    if not ops:
+        raise DegradeError("--ops is empty: name at least one operator, e.g. late_svd:rank=64.")
+    for name, params in ops:
+        get_operator(name).validate(params)
+    return ops
+
+
+def op_label(name: str, params: dict[str, Any]) -> str:
+    """``name:key=value,...`` with the given (non-default-filled) parameters, for tables and JSON keys."""
+    return name + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
