@@ -91,11 +91,11 @@ class WrongMarginHinge(AuxLoss):
     name = "hinge"
 
     def __init__(self, window: tuple[float, float] = (0.30, 0.85), delta: float = 0.0, weight: float = 0.2) -> None:
-        super().__init__(weight)
         self.window = validate_window(window, "WrongMarginHinge window")
         self.delta = float(delta)
         if not math.isfinite(self.delta):
             raise ValueError(f"WrongMarginHinge: delta must be finite, got {delta}.")
+        super().__init__(weight)
 
     def __repr__(self) -> str:
         return f"WrongMarginHinge(window={self.window}, delta={self.delta}, weight={self.weight})"
