@@ -7,6 +7,7 @@ overridable flag by flag (``--model.lr 1e-4``, ``--trainer.max_steps 5``). ``--m
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -89,6 +90,8 @@ class DipRegCLI(LightningCLI):
 def run_fit(argv: Sequence[str], *, run: bool = True) -> DipRegCLI:
     """Run ``dipreg fit`` with ``argv`` (everything after ``fit``); ``run=False`` only instantiates."""
     args = translate_args(argv)
+    # We pass args on purpose (argv after `fit`); Lightning warns whenever sys.argv is non-empty too.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return DipRegCLI(
         DipRegModule,
         PairDataModule,
