@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -90,9 +91,10 @@ def pairs_file(tiny_pairs, tmp_path) -> str:
     return str(save_pairs(tiny_pairs, tmp_path / "pairs.jsonl"))
 
 
-def _tiny_module(tiny_tokenizer, **kwargs) -> DipRegModule:
+def _tiny_module(tiny_tokenizer, model=None, **kwargs) -> DipRegModule:
     kwargs.setdefault("aux_losses", [WrongMarginHinge(weight=0.2)])
-    return DipRegModule(model=make_tiny_model("llama"), tokenizer=tiny_tokenizer, r=4, alpha=8, **kwargs)
+    model = model if model is not None else make_tiny_model("llama")
+    return DipRegModule(model=model, tokenizer=tiny_tokenizer, r=4, alpha=8, **kwargs)
 
 
 def _batch(module, pairs_file, batch_size=8):
@@ -112,8 +114,8 @@ def test_gradients_reach_lora_parameters_only(tiny_tokenizer, pairs_file):
     assert any(float(module.get_parameter(n).grad.abs().sum()) > 0 for n in with_grad if "lora_B" in n)
 
 
-def test_answer_ce_equals_the_models_own_logits(tiny_tokenizer, pairs_file):
-    module = _tiny_module(tiny_tokenizer, dropout=0.0, aux_losses=[]).eval()
+def test_answer_ce_equals_the_models_own_logits(tiny_model, tiny_tokenizer, pairs_file):
+    module = _tiny_module(tiny_tokenizer, tiny_model, dropout=0.0, aux_losses=[]).eval()
     batch = _batch(module, pairs_file)
     total, parts, _ = module.losses(batch)
     logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -123,16 +125,32 @@ def test_answer_ce_equals_the_models_own_logits(tiny_tokenizer, pairs_file):
 
 
 def _adapted_layers(module: DipRegModule) -> set[int]:
-    layers = set()
-    for name, _ in module.model.named_parameters():
-        if "lora_A" in name:
-            layers.add(int(name.split(".layers.")[1].split(".")[0]))
-    return layers
+    return {
+        i for i, layer in enumerate(module.adapter.layers) if any("lora_A" in n for n, _ in layer.named_parameters())
+    }
 
 
-def test_late_only_arm_adapts_only_the_last_quarter(tiny_tokenizer):
-    assert _adapted_layers(_tiny_module(tiny_tokenizer, layers=0.25)) == {6, 7}
-    assert _adapted_layers(_tiny_module(tiny_tokenizer)) == set(range(8))
+def test_late_only_arm_adapts_only_the_last_quarter(tiny_model, tiny_tokenizer):
+    late = _tiny_module(tiny_tokenizer, copy.deepcopy(tiny_model), layers=0.25)
+    assert _adapted_layers(late) == {6, 7}
+    assert all("lora_" not in n for n, _ in late.model.named_parameters() if ".0." in n)
+    assert _adapted_layers(_tiny_module(tiny_tokenizer, tiny_model)) == set(range(8))
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_tokenizer, pairs_file):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = _tiny_module(tiny_tokenizer, dropout=0.0, gradient_checkpointing=checkpointing)
+        with torch.no_grad():  # non-zero B so that every LoRA matrix gets a gradient
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        module.losses(_batch(module, pairs_file))[0].backward()
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+    assert all(g is not None for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
 
 
 @pytest.mark.parametrize("layers", [0.0, 1.5, "late"])
