@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -329,3 +331,8 @@ def test_short_fit_of_the_default_model_through_the_cli(tmp_path):
     assert (log_dir / "adapter" / "adapter_model.safetensors").is_file()
     (ckpt,) = (log_dir / "checkpoints").iterdir()
     assert ckpt.stat().st_size < 100e6  # adapter + optimizer state, not the 540 MB base model
+
+
+def test_import_dipreg_does_not_import_lightning():
+    code = "import sys, dipreg; assert 'lightning' not in sys.modules; assert dipreg.DipRegModule.__name__"
+    subprocess.run([sys.executable, "-c", code], check=True)
