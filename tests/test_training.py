@@ -336,3 +336,15 @@ def test_short_fit_of_the_default_model_through_the_cli(tmp_path):
 def test_import_dipreg_does_not_import_lightning():
     code = "import sys, dipreg; assert 'lightning' not in sys.modules; assert dipreg.DipRegModule.__name__"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hinge_overhead_section_reports_a_ratio_and_leaves_the_bench_model_alone(
+    llama_tiny, tiny_tokenizer, tiny_pairs
+):
+    from dipreg.bench import BenchContext
+    from dipreg.bench_training import hinge_overhead_section
+
+    names_before = [n for n, _ in llama_tiny.named_parameters()]
+    (ratio,) = hinge_overhead_section(BenchContext(llama_tiny, tiny_tokenizer, tiny_pairs, 4, 1))
+    assert ratio.name == "hinge_overhead" and ratio.value > -1 and "dip_reg" in ratio.detail
+    assert [n for n, _ in llama_tiny.named_parameters()] == names_before  # no LoRA injected into it
