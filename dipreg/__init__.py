@@ -11,13 +11,33 @@ from dipreg.trajectory import Trajectories, trajectories
 
 __all__ = [
     "LENSES",
+    "DipRegModule",
+    "HeldOutEval",
     "Lens",
     "LogitLens",
     "ModelAdapter",
     "ModelLoadError",
+    "PairDataModule",
     "Trajectories",
     "UnsupportedModelError",
     "load_model",
     "trajectories",
 ]
 __version__ = "0.1.0"
+
+#: Public names served lazily so that `import dipreg` does not import Lightning.
+_LAZY = {
+    "DipRegModule": "dipreg.module",
+    "PairDataModule": "dipreg.data",
+    "HeldOutEval": "dipreg.heldout",
+    "losses": "dipreg.losses",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        return module if name == "losses" else getattr(module, name)
+    raise AttributeError(f"module 'dipreg' has no attribute {name!r}")

@@ -138,8 +138,15 @@ def lens_section(ctx: BenchContext) -> list[Ratio]:
     ]
 
 
+def hinge_section(ctx: BenchContext) -> list[Ratio]:
+    """Training-step overhead of the wrong-margin hinge (lives in :mod:`dipreg.bench_training`, imports Lightning)."""
+    from dipreg.bench_training import hinge_overhead_section
+
+    return hinge_overhead_section(ctx)
+
+
 #: Sections run by `dipreg bench`, in order.
-SECTIONS: list[Callable[[BenchContext], list[Ratio]]] = [lens_section]
+SECTIONS: list[Callable[[BenchContext], list[Ratio]]] = [lens_section, hinge_section]
 
 
 def run_bench(

@@ -144,9 +144,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "lightning_args",
+        nargs=argparse.REMAINDER,
+        help="--recipe NAME | --config FILE, then any LightningCLI flag (--model.lr 1e-4, --trainer.max_steps 5); "
+        "--model NAME selects the base model (default: the embedded SmolLM2-135M)",
+    )
+
+
+@command("fit", "LoRA SFT with pluggable auxiliary losses (LightningCLI over the recipes)", _fit_args)
+def _fit(args: argparse.Namespace) -> int:
+    from dipreg.fit import run_fit
+
+    run_fit(args.lightning_args)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dipreg`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fit"]:
+        # LightningCLI parses everything after `fit` (argparse would claim --help, --model, ...).
+        args = argparse.Namespace(handler=_fit, lightning_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, NotADirectoryError, ModelLoadError, UnsupportedModelError) as err:

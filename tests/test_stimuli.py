@@ -83,7 +83,7 @@ def test_role_binding_has_200_pairs():
 
 
 def test_builtin_names_load_the_generated_sets():
-    assert BUILTIN_SETS == ("core", "role_binding")
+    assert BUILTIN_SETS == ("core", "role_binding", "comp_train", "comp_loose", "comp_strict", "strict240")
     assert load_pairs("core") == generate_core()
     assert load_pairs("role_binding") == generate_role_binding()
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 
+from .compositional import COMPOSITIONAL_SETS, generate_compositional
 from .generate import generate_core, generate_role_binding
 from .schema import MinimalPair, StimulusError
 
@@ -15,6 +17,7 @@ __all__ = ["BUILTIN_SETS", "load_pairs", "save_pairs"]
 _BUILTIN: dict[str, Callable[[], list[MinimalPair]]] = {
     "core": generate_core,
     "role_binding": generate_role_binding,
+    **{name: partial(generate_compositional, name) for name in COMPOSITIONAL_SETS},
 }
 
 #: Names :func:`load_pairs` resolves to generated sets instead of files.

@@ -1,0 +1,350 @@
+"""DipRegModule, the wrong-margin hinge, the pair DataModule, checkpoints, adapter export and `dipreg fit`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from peft import PeftModel
+
+import dipreg
+from dipreg.cli import main
+from dipreg.data import PairDataModule
+from dipreg.fit import RECIPES, recipe_path, run_fit, translate_args
+from dipreg.heldout import HeldOutEval
+from dipreg.losses import AuxLoss, BatchView, WrongMarginHinge
+from dipreg.module import DipRegModule
+from dipreg.stimuli import save_pairs
+from tests.conftest import make_tiny_model
+
+# -- the hinge on hand-made tensors ------------------------------------------------------------------------
+
+
+class MarginIsFirstCoordinate:
+    """A stand-in adapter whose logit-lens margin is the residual's first coordinate."""
+
+    def margin(self, residual, pos_ids, neg_ids):
+        return residual[..., 0]
+
+
+def _view(margins: torch.Tensor) -> BatchView:
+    residuals = margins.unsqueeze(-1).clone().requires_grad_(True)  # (L, B, 1)
+    ids = torch.zeros(margins.shape[1], dtype=torch.long)
+    return BatchView(residuals, ids, ids, MarginIsFirstCoordinate())  # type: ignore[arg-type]
+
+
+def test_hinge_is_zero_when_every_window_margin_reaches_delta():
+    # 10 layers: the window (0.30, 0.85) holds layers 3..8 (1-based); outside it margins are very negative.
+    margins = torch.full((10, 2), -5.0)
+    margins[2:8] = 0.5
+    assert float(WrongMarginHinge(delta=0.5, weight=1.0)(_view(margins))) == 0.0
+    assert float(WrongMarginHinge(delta=0.6, weight=1.0)(_view(margins))) > 0.0
+
+
+def test_hinge_value_and_gradient_come_only_from_wrong_side_window_layers():
+    margins = torch.ones(10, 2)
+    margins[0] = -3.0  # outside the window: ignored
+    margins[3, 0] = -2.0  # inside, wrong side
+    margins[6, 1] = -0.5  # inside, wrong side
+    view = _view(margins)
+    loss = WrongMarginHinge(delta=0.0, weight=1.0)(view)
+    assert float(loss) == pytest.approx((2.0 + 0.5) / (6 * 2))
+    loss.backward()
+    grad = view.residuals.grad[..., 0]
+    nonzero = {tuple(i) for i in grad.nonzero().tolist()}
+    assert nonzero == {(3, 0), (6, 1)}
+
+
+def test_hinge_reads_the_real_logit_lens_margin(llama_tiny):
+    adapter = dipreg.ModelAdapter(llama_tiny)
+    residuals = torch.randn(adapter.num_layers, 3, llama_tiny.config.hidden_size)
+    correct, wrong = torch.tensor([2, 3, 4]), torch.tensor([5, 6, 7])
+    expected = torch.relu(-adapter.margin(residuals[2:6], correct, wrong)).mean()  # 8 layers: ℓ = 3..6 in window
+    got = WrongMarginHinge()(BatchView(residuals, correct, wrong, adapter))
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weight": -0.1}, "weight"),
+        ({"window": (0.3, 1.2)}, "window"),
+        ({"window": (-0.1, 0.5)}, "window"),
+        ({"window": (0.9, 0.3)}, "window"),
+    ],
+)
+def test_hinge_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        WrongMarginHinge(**kwargs)
+
+
+# -- the module on a tiny model ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pairs_file(tiny_pairs, tmp_path) -> str:
+    return str(save_pairs(tiny_pairs, tmp_path / "pairs.jsonl"))
+
+
+def _tiny_module(tiny_tokenizer, model=None, **kwargs) -> DipRegModule:
+    kwargs.setdefault("aux_losses", [WrongMarginHinge(weight=0.2)])
+    model = model if model is not None else make_tiny_model("llama")
+    return DipRegModule(model=model, tokenizer=tiny_tokenizer, r=4, alpha=8, **kwargs)
+
+
+def _batch(module, pairs_file, batch_size=8):
+    dm = PairDataModule(train=pairs_file, val=[pairs_file], batch_size=batch_size, tokenizer=module.tokenizer)
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
+def test_gradients_reach_lora_parameters_only(tiny_tokenizer, pairs_file):
+    module = _tiny_module(tiny_tokenizer)
+    total, parts, _ = module.losses(_batch(module, pairs_file))
+    assert set(parts) == {"ce", "hinge"}
+    total.backward()
+    with_grad = {n for n, p in module.named_parameters() if p.grad is not None}
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert all(not p.requires_grad for n, p in module.named_parameters() if "lora_" not in n)
+    assert any(float(module.get_parameter(n).grad.abs().sum()) > 0 for n in with_grad if "lora_B" in n)
+
+
+def test_answer_ce_equals_the_models_own_logits(tiny_model, tiny_tokenizer, pairs_file):
+    module = _tiny_module(tiny_tokenizer, tiny_model, dropout=0.0, aux_losses=[]).eval()
+    batch = _batch(module, pairs_file)
+    total, parts, _ = module.losses(batch)
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    at_answer = logits[torch.arange(len(batch["last"])), batch["last"]]
+    torch.testing.assert_close(parts["ce"], torch.nn.functional.cross_entropy(at_answer, batch["correct"]))
+    torch.testing.assert_close(total, parts["ce"])
+
+
+def _adapted_layers(module: DipRegModule) -> set[int]:
+    return {
+        i for i, layer in enumerate(module.adapter.layers) if any("lora_A" in n for n, _ in layer.named_parameters())
+    }
+
+
+def test_late_only_arm_adapts_only_the_last_quarter(tiny_model, tiny_tokenizer):
+    late = _tiny_module(tiny_tokenizer, copy.deepcopy(tiny_model), layers=0.25)
+    assert _adapted_layers(late) == {6, 7}
+    assert all("lora_" not in n for n, _ in late.model.named_parameters() if ".0." in n)
+    assert _adapted_layers(_tiny_module(tiny_tokenizer, tiny_model)) == set(range(8))
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_tokenizer, pairs_file):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = _tiny_module(tiny_tokenizer, dropout=0.0, gradient_checkpointing=checkpointing)
+        with torch.no_grad():  # non-zero B so that every LoRA matrix gets a gradient
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.1)
+        module.losses(_batch(module, pairs_file))[0].backward()
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+    assert all(g is not None for g in grads[1].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+@pytest.mark.parametrize("layers", [0.0, 1.5, "late"])
+def test_bad_layer_selection_is_rejected(tiny_tokenizer, layers):
+    with pytest.raises(ValueError, match="layers"):
+        _tiny_module(tiny_tokenizer, layers=layers)
+
+
+def test_a_user_defined_aux_loss_plugs_in_without_changing_the_module(tiny_tokenizer, pairs_file):
+    class FinalMargin(AuxLoss):
+        name = "final_margin"
+
+        def __call__(self, view):
+            return torch.relu(1.0 - view.adapter.margin(view.residuals[-1], view.correct_ids, view.wrong_ids)).mean()
+
+    module = _tiny_module(tiny_tokenizer, aux_losses=[WrongMarginHinge(weight=0.2), FinalMargin(weight=0.5)])
+    total, parts, _ = module.losses(_batch(module, pairs_file))
+    torch.testing.assert_close(total, parts["ce"] + 0.2 * parts["hinge"] + 0.5 * parts["final_margin"])
+
+
+class RecordLosses(Callback):
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def _trainer(root: Path, max_steps: int, callbacks=(), **kwargs) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        default_root_dir=root,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **kwargs,
+    )
+
+
+def test_few_step_fit_on_a_tiny_model_logs_and_exports(tiny_tokenizer, tiny_pairs, pairs_file, tmp_path):
+    module = _tiny_module(tiny_tokenizer)
+    heldout = HeldOutEval(sets=[pairs_file], batch_size=4)
+    trainer = _trainer(tmp_path, 4, [heldout], log_every_n_steps=1)
+    trainer.fit(module, PairDataModule(train=pairs_file, val=[pairs_file], batch_size=4))
+    logged = trainer.logged_metrics
+    for key in ("train/loss", "train/ce", "train/hinge", f"val/acc/{pairs_file}"):
+        assert key in logged and torch.isfinite(logged[key]), key
+    assert (module.adapter_dir() / "adapter_config.json").is_file()
+    # "before" is the intact base model, measured with the adapter switched off.
+    base = dipreg.trajectories(make_tiny_model("llama"), tiny_tokenizer, tiny_pairs, prompt="auto")
+    written = json.loads((Path(trainer.log_dir) / "heldout.json").read_text())
+    before = written["before"][pairs_file]["mean_max_wrong_dip"]
+    assert before == pytest.approx(base.summary()["all"]["mean_max_wrong_dip"], abs=1e-5)
+
+
+def test_saved_adapter_reloads_with_plain_peft_and_gives_the_same_logits(tiny_tokenizer, pairs_file, tmp_path):
+    module = _tiny_module(tiny_tokenizer)
+    trainer = _trainer(tmp_path, 3, limit_val_batches=0)
+    trainer.fit(module, PairDataModule(train=pairs_file, val=[pairs_file], batch_size=4))
+    reloaded = PeftModel.from_pretrained(make_tiny_model("llama"), str(module.adapter_dir())).eval()
+    batch = _batch(module, pairs_file)
+    module.model.eval()
+    with torch.no_grad():
+        want = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        base = make_tiny_model("llama")(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(base, want)  # the adapter did change the model
+
+
+def test_checkpoint_holds_adapter_only_and_resume_gives_the_same_next_step_loss(tiny_tokenizer, pairs_file, tmp_path):
+    def data():  # 8 examples, 2 batches per epoch, fixed order
+        return PairDataModule(train=pairs_file, val=[pairs_file], batch_size=4, shuffle=False)
+
+    ckpt_dir = tmp_path / "ckpt"
+    first = RecordLosses()
+    saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_epochs=1, save_top_k=-1)
+    _trainer(tmp_path / "a", 3, [first, saver], limit_val_batches=0).fit(
+        _tiny_module(tiny_tokenizer, dropout=0.0), data()
+    )
+    ckpt = ckpt_dir / "epoch=0-step=2.ckpt"
+    keys = torch.load(ckpt, weights_only=False)["state_dict"].keys()
+    assert keys and all("lora_" in k for k in keys)
+
+    resumed = RecordLosses()
+    fresh = DipRegModule(
+        model=make_tiny_model("llama"),
+        tokenizer=tiny_tokenizer,
+        r=4,
+        alpha=8,
+        dropout=0.0,
+        aux_losses=[WrongMarginHinge(weight=0.2)],
+    )
+    _trainer(tmp_path / "b", 3, [resumed], limit_val_batches=0).fit(fresh, data(), ckpt_path=str(ckpt))
+    assert len(first.losses) == 3 and len(resumed.losses) == 1
+    assert resumed.losses[0] == pytest.approx(first.losses[2], rel=1e-5)
+
+
+# -- recipes and the CLI -----------------------------------------------------------------------------------
+
+
+def test_recipe_and_model_flags_are_translated_with_configs_first():
+    args = translate_args(["--trainer.max_steps", "5", "--recipe", "dip_reg", "--model", "some/model"])
+    assert args == [
+        "--config",
+        str(recipe_path("dip_reg")),
+        "--trainer.max_steps",
+        "5",
+        "--model.model_name",
+        "some/model",
+    ]
+
+
+def test_all_five_recipes_are_packaged():
+    assert set(RECIPES) == {"output_only", "late_only", "dip_reg", "dip_reg_l005", "dip_reg_l05"}
+
+
+def test_unknown_recipe_and_missing_config_give_clear_errors(capsys):
+    assert main(["fit", "--recipe", "nope"]) == 2
+    assert "Unknown recipe 'nope'" in capsys.readouterr().err
+    assert main(["fit", "--config", "/no/such/recipe.yaml"]) == 2
+    assert "/no/such/recipe.yaml" in capsys.readouterr().err
+
+
+def test_a_recipe_naming_an_unknown_model_gives_a_clear_error(capsys, tmp_path):
+    recipe = tmp_path / "bad_model.yaml"
+    recipe.write_text(recipe_path("dip_reg").read_text().replace("model_name: null", "model_name: /no/such/model"))
+    assert main(["fit", "--config", str(recipe), "--trainer.default_root_dir", str(tmp_path)]) == 2
+    assert "/no/such/model" in capsys.readouterr().err
+
+
+def test_a_recipe_with_negative_lambda_gives_a_clear_error(capsys, tmp_path):
+    recipe = tmp_path / "bad_lambda.yaml"
+    recipe.write_text(recipe_path("dip_reg").read_text().replace("weight: 0.2", "weight: -0.2"))
+    assert main(["fit", "--config", str(recipe), "--trainer.default_root_dir", str(tmp_path)]) == 2
+    assert "weight (λ) must be a finite number >= 0, got -0.2" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["output_only", "late_only", "dip_reg", "dip_reg_l005", "dip_reg_l05"])
+def test_every_recipe_parses_and_instantiates(name, tmp_path):
+    cli = run_fit(["--recipe", name, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    module = cli.model
+    hinge = [loss for loss in module.aux_losses if isinstance(loss, WrongMarginHinge)]
+    expected = {"output_only": None, "late_only": None, "dip_reg": 0.2, "dip_reg_l005": 0.05, "dip_reg_l05": 0.5}[name]
+    assert [h.weight for h in hinge] == ([] if expected is None else [expected])
+    layers = _adapted_layers(module)
+    assert layers == (set(range(22, 30)) if name == "late_only" else set(range(30)))
+    assert cli.datamodule.train_name == "comp_train" and cli.trainer.max_steps > 0
+
+
+@pytest.mark.integration
+def test_short_fit_of_the_default_model_through_the_cli(tmp_path):
+    rc = main(
+        [
+            "fit",
+            "--recipe",
+            "dip_reg",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--data.batch_size",
+            "4",
+            "--heldout.sets",
+            "[comp_strict]",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    (log_dir,) = (tmp_path / "lightning_logs").iterdir()
+    results = json.loads((log_dir / "heldout.json").read_text())
+    assert results["step"] == 2 and results["before"]["comp_strict"]["n"] == 25
+    assert (log_dir / "adapter" / "adapter_model.safetensors").is_file()
+    (ckpt,) = (log_dir / "checkpoints").iterdir()
+    assert ckpt.stat().st_size < 100e6  # adapter + optimizer state, not the 540 MB base model
+
+
+def test_import_dipreg_does_not_import_lightning():
+    code = "import sys, dipreg; assert 'lightning' not in sys.modules; assert dipreg.DipRegModule.__name__"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hinge_overhead_section_reports_a_ratio_and_leaves_the_bench_model_alone(
+    llama_tiny, tiny_tokenizer, tiny_pairs
+):
+    from dipreg.bench import BenchContext
+    from dipreg.bench_training import hinge_overhead_section
+
+    names_before = [n for n, _ in llama_tiny.named_parameters()]
+    (ratio,) = hinge_overhead_section(BenchContext(llama_tiny, tiny_tokenizer, tiny_pairs, 4, 1))
+    assert ratio.name == "hinge_overhead" and ratio.value > -1 and "dip_reg" in ratio.detail
+    assert [n for n, _ in llama_tiny.named_parameters()] == names_before  # no LoRA injected into it
