@@ -1,12 +1,14 @@
 """`DipMonitorCallback`: the dip monitor as a ``transformers.TrainerCallback`` for HF Trainer / TRL users.
 
 It shares :class:`~dipreg.callbacks.probe.DipProbe` with the Lightning monitor and writes TensorBoard events
-into the Trainer's logging folder (``args.logging_dir``), next to the Trainer's own event files.
+where the Trainer's TensorBoard integration writes (``$TENSORBOARD_LOGGING_DIR``, else ``args.logging_dir`` on
+transformers 4, else ``<output_dir>/runs``) unless ``log_dir`` is given.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ class DipMonitorCallback(TrainerCallback):
         window: dip window.
         prompt: prompt style.
         history_file: JSON history written into ``args.output_dir`` at the end of training.
+        log_dir: TensorBoard folder (default: the Trainer's, see the module docstring).
 
     Example::
 
@@ -50,6 +53,7 @@ class DipMonitorCallback(TrainerCallback):
         window: tuple[float, float] = DEFAULT_WINDOW,
         prompt: str = "auto",
         history_file: str = "dip_history.json",
+        log_dir: str | None = None,
     ) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise MonitorSetupError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
@@ -57,6 +61,7 @@ class DipMonitorCallback(TrainerCallback):
         self.every_n_steps = every_n_steps
         self.probe = DipProbe(resolve_pairs(pairs), lenses, batch_size=batch_size, window=window, prompt=prompt)
         self.history_file = history_file
+        self.log_dir = log_dir
         self.history: list[dict[str, float]] = []
         self.writer: SummaryWriter | None = None
 
@@ -72,9 +77,17 @@ class DipMonitorCallback(TrainerCallback):
         """Audit the pairs, open the writer, and probe once before the first step."""
         self.probe.check(self._tokenizer(kwargs))
         if state.is_world_process_zero:
-            self.writer = SummaryWriter(log_dir=args.logging_dir)
+            self.writer = SummaryWriter(log_dir=self._log_dir(args))
         if state.global_step == 0:
             self._probe(args, state, kwargs)
+
+    def _log_dir(self, args: TrainingArguments) -> str:
+        return (
+            self.log_dir
+            or os.environ.get("TENSORBOARD_LOGGING_DIR")
+            or getattr(args, "logging_dir", None)
+            or str(Path(args.output_dir) / "runs")
+        )
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         """Probe every ``every_n_steps`` optimizer steps."""
