@@ -145,7 +145,12 @@ def hinge_section(ctx: BenchContext) -> list[Ratio]:
     return hinge_overhead_section(ctx)
 
 
-#: Sections run by `dipreg bench`, in order.
+def section_name(section: Callable[[BenchContext], list[Ratio]]) -> str:
+    """The CLI name of a section function: ``lens_section`` -> ``lens``."""
+    return section.__name__.removesuffix("_section")
+
+
+#: Sections of the core run by `dipreg bench`, in order (the CLI adds those of the subpackages).
 SECTIONS: list[Callable[[BenchContext], list[Ratio]]] = [lens_section, hinge_section]
 
 
@@ -157,9 +162,10 @@ def run_bench(
     repeats: int = 3,
     batch_size: int = 16,
     naive_pairs: int = 32,
+    sections: list[Callable[[BenchContext], list[Ratio]]] | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run every section, print a table and write ``bench.json``; returns the payload."""
+    """Run ``sections`` (default :data:`SECTIONS`), print a table and write ``bench.json``; returns the payload."""
     if repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {repeats}.")
     if naive_pairs < 1:
@@ -170,7 +176,7 @@ def run_bench(
     ctx = BenchContext(model, tokenizer, load_pairs(pairs_name), batch_size, repeats, naive_pairs)
     ratios: list[Ratio] = []
     with console.status("benchmarking…"):
-        for section in SECTIONS:
+        for section in SECTIONS if sections is None else sections:
             ratios.extend(section(ctx))
     table = Table(title=f"dipreg bench — {model_name or 'default:SmolLM2-135M-Instruct'}, {len(ctx.pairs)} pairs")
     for column in ("ratio", "value", "target", "met", "measured"):

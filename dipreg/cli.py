@@ -92,43 +92,29 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median kept)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--naive-pairs", type=int, default=32, help="pairs for the slow naive references (default: 32)")
+    p.add_argument("--only", type=csv_list, default=None, help="comma-separated section names (default: all)")
 
 
 @command("bench", "speed and memory ratios against references measured in the same run", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
-    from dipreg.bench import run_bench
+    from dipreg.bench import SECTIONS, run_bench, section_name
+    from dipreg.callbacks.bench_monitor import monitor_section
 
+    sections = [*SECTIONS, monitor_section]
+    if args.only:
+        known = {section_name(s): s for s in sections}
+        unknown = [name for name in args.only if name not in known]
+        if unknown:
+            raise ValueError(f"Unknown bench section(s) {unknown}; choose from: {', '.join(known)}.")
+        sections = [known[name] for name in args.only]
     run_bench(
-        args.model, args.pairs, args.out, repeats=args.repeats, batch_size=args.batch_size, naive_pairs=args.naive_pairs
-    )
-    return 0
-
-
-def _degrade_args(p: argparse.ArgumentParser) -> None:
-    from dipreg.eval.operators import DEFAULT_OPS
-
-    add_common(p, "runs/degrade")
-    p.add_argument("--pairs", default="core", help="core | role_binding | FILE.jsonl (default: core)")
-    p.add_argument(
-        "--ops", default=DEFAULT_OPS, help=f"comma-separated operators op:key=value (default: {DEFAULT_OPS})"
-    )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--window", type=window_arg, default=DEFAULT_WINDOW, help="dip window LO,HI (default 0.25,0.90)")
-    add_prompt(p)
-
-
-@command("degrade", "flips under weight/structural degradations, stratified by intact dip and margin", _degrade_args)
-def _degrade(args: argparse.Namespace) -> int:
-    from dipreg.eval.degrade_report import run_degrade
-
-    run_degrade(
         args.model,
         args.pairs,
-        args.ops,
         args.out,
+        repeats=args.repeats,
         batch_size=args.batch_size,
-        window=args.window,
-        prompt=args.prompt,
+        naive_pairs=args.naive_pairs,
+        sections=sections,
     )
     return 0
 

@@ -10,15 +10,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dipreg.eval import stats
-from dipreg.eval.figures import tertile_flip_figure
-from dipreg.eval.ledger import state_checksum
-from dipreg.eval.operators import DEFAULT_OPS, degrade, op_label, parse_ops
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from dipreg.artifacts import prepare_out_dir, write_json
+from dipreg.eval import stats
+from dipreg.eval.figures import tertile_flip_figure
+from dipreg.eval.ledger import state_checksum
+from dipreg.eval.operators import DEFAULT_OPS, degrade, op_label, parse_ops
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.models import load_model
 from dipreg.plots import save_figure

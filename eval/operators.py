@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from dipreg.eval import quantize
-from dipreg.eval.ledger import Ledger
-from dipreg.eval.mlp import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
 from torch import Tensor, nn
 
 from dipreg.adapter import ModelAdapter
+from dipreg.eval import quantize
+from dipreg.eval.ledger import Ledger
+from dipreg.eval.mlp import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
 
 #: The paper's structural + quantization contrast: what `dipreg degrade` runs without --ops.
 DEFAULT_OPS = "late_svd:rank=64,mid_svd:rank=64,rtn:bits=3,late_drop,mid_prune,deprive:alpha=0"

@@ -4,9 +4,9 @@ import dataclasses
 import json
 
 import pytest
-from dipreg.eval import state_checksum
 
 from dipreg.cli import main
+from dipreg.eval import state_checksum
 from dipreg.stimuli import load_pairs
 
 

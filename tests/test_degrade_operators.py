@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_model
-from dipreg.eval import DegradeError, UnsupportedOperatorError, degrade, parse_ops, state_checksum
-from dipreg.eval.operators import range_layers, span_layers
-from dipreg.eval.quantize import nf4, nf4_code, rtn
 from peft import LoraConfig, get_peft_model
 
 from dipreg.adapter import ModelAdapter
+from dipreg.eval import DegradeError, UnsupportedOperatorError, degrade, parse_ops, state_checksum
+from dipreg.eval.operators import range_layers, span_layers
+from dipreg.eval.quantize import nf4, nf4_code, rtn
 
 # Every operator, with parameters that fit the tiny model (width 32, intermediate 64, 8 blocks).
 ALL_OPS = [

@@ -1,0 +1,159 @@
+"""`CompressionRetention`: run compression-retention evals on the live model at checkpoints or validation end.
+
+Each degradation from :mod:`dipreg.eval` is applied to the live model inside a ``with`` block and restored
+bit-exactly (checked by checksum); the numbers come from the same code as `dipreg degrade`
+(:func:`dipreg.eval.degrade_report.operator_result`), so the two always agree. Nothing here touches the
+training graph: every measurement runs under ``no_grad`` in eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from dipreg.callbacks.probe import ModelGetter, MonitorSetupError, find_hf_model, resolve_pairs
+from dipreg.eval.degrade_report import operator_result
+from dipreg.eval.ledger import state_checksum
+from dipreg.eval.operators import degrade, get_operator, op_label, parse_ops
+from dipreg.metrics import DEFAULT_WINDOW
+from dipreg.stimuli import MinimalPair, audit_single_token
+from dipreg.trajectory import trajectories
+
+DEFAULT_DEGRADATIONS = "late_svd:rank=64,mid_svd:rank=64,rtn:bits=3"
+
+
+class CompressionRetention(Callback):
+    """Log retention accuracy and dip-stratified flips of the live model under each degradation.
+
+    Scalars under ``retention/``: ``intact_accuracy`` and, per degradation label, ``accuracy``, ``flips``,
+    ``dip_high_flip_rate``, ``dip_low_flip_rate``, ``dip_mw_p`` (Mann–Whitney p, dying vs surviving dip).
+    Every rank measures the same (replicated) model and no collective is called; loggers write on rank zero.
+
+    Args:
+        pairs: evaluation pairs: a built-in set name, a JSONL path, or a sequence of ``MinimalPair``.
+        degradations: a `dipreg degrade --ops` spec string or a list of ``(op, params)``.
+        on: ``"checkpoint"`` (whenever a checkpoint is saved) or ``"validation_end"``.
+        model: where the HF model is (see :class:`~dipreg.callbacks.DipMonitor`).
+        tokenizer: the tokenizer; default ``pl_module.tokenizer``.
+        batch_size: contexts per forward.
+        window: dip window for the stratification.
+        prompt: prompt style for the contexts.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[CompressionRetention("core", "late_svd:rank=64,rtn:bits=3")])
+    """
+
+    def __init__(
+        self,
+        pairs: str | Sequence[MinimalPair] = "core",
+        degradations: str | Sequence[tuple[str, dict[str, Any]]] = DEFAULT_DEGRADATIONS,
+        on: Literal["checkpoint", "validation_end"] = "checkpoint",
+        model: ModelGetter = None,
+        tokenizer: Any = None,
+        *,
+        batch_size: int = 16,
+        window: tuple[float, float] = DEFAULT_WINDOW,
+        prompt: str = "auto",
+    ) -> None:
+        if on not in ("checkpoint", "validation_end"):
+            raise MonitorSetupError(f"on must be 'checkpoint' or 'validation_end', got {on!r}.")
+        self.specs = (
+            parse_ops(degradations) if isinstance(degradations, str) else [(n, dict(p)) for n, p in degradations]
+        )
+        for name, params in self.specs:
+            get_operator(name).validate(dict(params))
+        self.pairs_spec = pairs
+        self.on = on
+        self.model_getter = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.window = window
+        self.prompt = prompt
+        self.pairs: list[MinimalPair] = []
+        self.history: list[dict[str, float]] = []
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes instances with different pairs, degradations or triggers."""
+        pairs = self.pairs_spec if isinstance(self.pairs_spec, str) else f"{len(self.pairs_spec)}pairs"
+        labels = ",".join(op_label(n, p) for n, p in self.specs)
+        return self._generate_state_key(pairs=pairs, degradations=labels, on=self.on)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the model and tokenizer and audit the pairs before the first step."""
+        find_hf_model(pl_module, self.model_getter)
+        self.pairs = resolve_pairs(self.pairs_spec)
+        audit_single_token(self.pairs, self._tokenizer(pl_module))
+
+    def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        if tokenizer is None:
+            raise MonitorSetupError(
+                "CompressionRetention needs a tokenizer: pass tokenizer=... or set pl_module.tokenizer."
+            )
+        return tokenizer
+
+    @torch.no_grad()
+    def evaluate(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Measure the intact model, then each degradation; return the scalars (also usable outside a Trainer)."""
+        model = find_hf_model(pl_module, self.model_getter)
+        tokenizer = self._tokenizer(pl_module)
+
+        def measure():
+            return trajectories(
+                model, tokenizer, self.pairs, batch_size=self.batch_size, window=self.window, prompt=self.prompt
+            )
+
+        checksum = state_checksum(model)
+        intact = measure()
+        scalars = {"retention/intact_accuracy": float(intact.correct.float().mean())}
+        for name, params in self.specs:
+            label = op_label(name, params)
+            with degrade(model, name, **params):
+                degraded = measure()
+            if state_checksum(model) != checksum:
+                raise RuntimeError(f"{label} did not restore the model bit-exactly (checksum changed).")
+            result = operator_result(intact, degraded)
+            dip = result["stratification"]["dip"]
+            scalars |= {
+                f"retention/{label}/accuracy": result["accuracy"],
+                f"retention/{label}/flips": float(result["n_flips"]),
+                f"retention/{label}/dip_high_flip_rate": float(dip["high_tertile_flip_rate"]),
+                f"retention/{label}/dip_low_flip_rate": float(dip["low_tertile_flip_rate"]),
+                f"retention/{label}/dip_mw_p": float(dip["mw_p"]),
+            }
+        return scalars
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if any(int(h["step"]) == step for h in self.history):
+            return
+        scalars = self.evaluate(pl_module)
+        self.history.append({"step": float(step), **scalars})
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Evaluate when a checkpoint is written (``on="checkpoint"``)."""
+        if self.on == "checkpoint":
+            self._run(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate after validation (``on="validation_end"``), never during the sanity check."""
+        if self.on == "validation_end" and not trainer.sanity_checking:
+            self._run(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The retention history (primitives only)."""
+        return {"history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the retention history on resume."""
+        self.history = [dict(h) for h in state_dict.get("history", [])]

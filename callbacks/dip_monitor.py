@@ -1,0 +1,183 @@
+"""`DipMonitor`: a drop-in Lightning callback that logs the wrong-dip of the model being fine-tuned.
+
+It reads the live model every N optimizer steps (and optionally at validation end) and logs to whatever
+loggers the Trainer has; it never changes weights, never joins the training graph, and keeps its history
+in the checkpoint so that a resumed run continues its curves.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+
+from dipreg.callbacks.figures import history_figure, trajectory_figure
+from dipreg.callbacks.probe import DipProbe, ModelGetter, MonitorSetupError, ProbeResult, find_hf_model, resolve_pairs
+from dipreg.metrics import DEFAULT_WINDOW
+from dipreg.stimuli import MinimalPair
+
+
+class DipMonitor(Callback):
+    """Log held-out accuracy, ``max_wrong_dip``, ``commit_layer_frac`` and the late-binding rate per lens.
+
+    Scalars go under ``dip/<lens>/...`` (overall, ``family/<name>/``, ``safety/``) to every logger; with a
+    TensorBoard logger also a histogram of per-item dips and two figures (current mean trajectory per lens,
+    and the history of accuracy vs dip over steps). The probe set is sharded across ranks and reduced with
+    torchmetrics, so distributed runs log the same values as one process.
+
+    Args:
+        pairs: probe pairs: a built-in set name, a JSONL path, or a sequence of ``MinimalPair``.
+        every_n_steps: probe every N optimizer steps (``trainer.global_step``), plus once before training.
+        lenses: lens names to read (``"logit"``, ``"causal"``, ``"tuned"``).
+        model: where the HF model is: ``None`` (the first ``PreTrainedModel`` submodule), an attribute path,
+            or a getter ``fn(pl_module) -> model``.
+        tokenizer: the tokenizer; default ``pl_module.tokenizer``.
+        on_validation_end: also probe at the end of every validation run.
+        batch_size: contexts per probe forward.
+        window: relative-depth window of ``max_wrong_dip``.
+        prompt: prompt style for the probe contexts (``"auto"``, ``"raw"``, ``"chat"``).
+        log_figures: log figures and histograms where the logger supports them.
+        history_file: file name of the JSON history written next to the logs at the end of fit.
+        lens_options: keyword options per lens (e.g. ``{"tuned": {"path": ...}}``).
+
+    Example::
+
+        from dipreg.callbacks import DipMonitor
+        trainer = L.Trainer(callbacks=[DipMonitor("core", every_n_steps=15, lenses=("logit", "causal"))])
+        trainer.fit(my_lora_module, datamodule)
+    """
+
+    def __init__(
+        self,
+        pairs: str | Sequence[MinimalPair] = "core",
+        every_n_steps: int = 15,
+        lenses: Sequence[str] = ("logit", "causal"),
+        model: ModelGetter = None,
+        tokenizer: Any = None,
+        *,
+        on_validation_end: bool = False,
+        batch_size: int = 16,
+        window: tuple[float, float] = DEFAULT_WINDOW,
+        prompt: str = "auto",
+        log_figures: bool = True,
+        history_file: str = "dip_history.json",
+        lens_options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise MonitorSetupError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        if batch_size < 1:
+            raise MonitorSetupError(f"batch_size must be >= 1, got {batch_size}.")
+        self.pairs_spec = pairs
+        self.every_n_steps = every_n_steps
+        self.lenses = tuple(lenses)
+        self.model_getter = model
+        self.tokenizer = tokenizer
+        self.probe_on_validation_end = on_validation_end
+        self.batch_size = batch_size
+        self.window = window
+        self.prompt = prompt
+        self.log_figures = log_figures
+        self.history_file = history_file
+        self.lens_options = lens_options or {}
+        self.probe: DipProbe | None = None
+        self.history: list[dict[str, float]] = []
+        self.last_step = -1
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes monitors with different pairs, cadence or lenses in one checkpoint."""
+        pairs = self.pairs_spec if isinstance(self.pairs_spec, str) else f"{len(self.pairs_spec)}pairs"
+        return self._generate_state_key(pairs=pairs, every_n_steps=self.every_n_steps, lenses=self.lenses)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the model and tokenizer and audit the pairs now, so a misconfiguration never waits for step N."""
+        find_hf_model(pl_module, self.model_getter)
+        tokenizer = self._tokenizer(pl_module)
+        if self.probe is None:
+            self.probe = DipProbe(
+                resolve_pairs(self.pairs_spec),
+                self.lenses,
+                batch_size=self.batch_size,
+                window=self.window,
+                prompt=self.prompt,
+                lens_options=self.lens_options,
+            )
+        self.probe.check(tokenizer)
+        if not trainer.loggers:
+            rank_zero_warn("DipMonitor: the Trainer has no logger; dips go only to the history JSON.")
+
+    def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
+        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+        if tokenizer is None:
+            raise MonitorSetupError(
+                f"DipMonitor needs a tokenizer: pass DipMonitor(tokenizer=...) or set {type(pl_module).__name__}"
+                ".tokenizer."
+            )
+        return tokenizer
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Probe once before the first step (not again on resume)."""
+        if trainer.global_step == 0 and not self.history:
+            self._probe(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Probe when the optimizer step count reaches a multiple of ``every_n_steps`` (once per step)."""
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self.last_step and step not in self._steps_done():
+            self._probe(trainer, pl_module)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Probe at validation end when asked to (skipped during the sanity check)."""
+        if (
+            self.probe_on_validation_end
+            and not trainer.sanity_checking
+            and trainer.global_step not in self._steps_done()
+        ):
+            self._probe(trainer, pl_module)
+
+    def _steps_done(self) -> set[int]:
+        return {int(h["step"]) for h in self.history}
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.probe is not None, "setup() did not run"
+        model = find_hf_model(pl_module, self.model_getter)
+        result = self.probe.run(model, self._tokenizer(pl_module), trainer.global_rank, trainer.world_size)
+        step = trainer.global_step
+        self.last_step = step
+        self.history.append({"step": float(step), **result.scalars})
+        for logger in trainer.loggers:
+            logger.log_metrics(result.scalars, step=step)
+        if trainer.is_global_zero and self.log_figures:
+            self._log_figures(trainer, result, step)
+
+    def _log_figures(self, trainer: pl.Trainer, result: ProbeResult, step: int) -> None:
+        writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_figure")]
+        for writer in writers:
+            for lens, traj in result.local.items():
+                writer.add_histogram(f"dip/{lens}/max_wrong_dip_items", traj.max_wrong_dip, step)
+            writer.add_figure("dip/trajectories", trajectory_figure(result.local), step, close=True)
+            writer.add_figure("dip/history", history_figure(self.history, self.lenses), step, close=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the history JSON next to the logs (global rank zero)."""
+        folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: every rank asks
+        if trainer.is_global_zero:
+            folder.mkdir(parents=True, exist_ok=True)
+            payload = {"lenses": list(self.lenses), "history": self.history}
+            (folder / self.history_file).write_text(json.dumps(payload, indent=1))
+
+    def state_dict(self) -> dict[str, Any]:
+        """History and the last probed step (primitives only: checkpoints load with weights_only=True)."""
+        return {"history": [dict(h) for h in self.history], "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history so that a resumed run continues the curves without gaps or duplicates."""
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self.last_step = int(state_dict.get("last_step", -1))

@@ -1,0 +1,156 @@
+"""The dip probe shared by the Lightning and the HF Trainer monitors: measure, reduce across ranks, summarise.
+
+It measures the live model (eval mode and no grad for the call, previous mode restored by
+:func:`dipreg.trajectories`) and never writes to a logger itself: the callbacks do that.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+from transformers import PreTrainedModel
+
+from dipreg.adapter import ModelAdapter
+from dipreg.metrics import DEFAULT_WINDOW, validate_window
+from dipreg.stimuli import MinimalPair, audit_single_token, load_pairs
+from dipreg.trajectory import LATE_BINDING_DEPTH, Trajectories, trajectories
+
+ModelGetter = str | Callable[[nn.Module], nn.Module] | None
+
+
+class MonitorSetupError(ValueError):
+    """The monitor cannot run on this module or with these pairs; the message says what to change."""
+
+
+def find_hf_model(module: nn.Module, getter: ModelGetter = None) -> nn.Module:
+    """The HF causal LM inside ``module``: the first ``PreTrainedModel`` submodule, an attribute path, or a getter."""
+    if callable(getter):
+        found = getter(module)
+    elif isinstance(getter, str):
+        try:
+            found = operator.attrgetter(getter)(module)
+        except AttributeError as err:
+            raise MonitorSetupError(f"{type(module).__name__} has no attribute {getter!r} (model=...).") from err
+    else:
+        found = next((m for m in module.modules() if isinstance(m, PreTrainedModel)), None)
+        if found is None:
+            raise MonitorSetupError(
+                f"No Hugging Face PreTrainedModel found inside {type(module).__name__}. Hold the HF causal LM "
+                "as a submodule, or pass model='attribute.path' or a getter function to the monitor."
+            )
+    ModelAdapter(found)  # raises UnsupportedModelError naming the class
+    return found
+
+
+def resolve_pairs(pairs: str | Sequence[MinimalPair]) -> list[MinimalPair]:
+    """Pairs from a built-in name, a JSONL path, or a sequence of :class:`MinimalPair`."""
+    loaded = load_pairs(pairs) if isinstance(pairs, str) else list(pairs)
+    if not loaded:
+        raise MonitorSetupError("The monitor needs at least one minimal pair.")
+    return loaded
+
+
+@dataclass
+class ProbeResult:
+    """One probe: reduced scalars (identical on every rank), and this rank's trajectories per lens."""
+
+    scalars: dict[str, float]
+    local: dict[str, Trajectories]
+
+
+class DipProbe:
+    """Measures held-out accuracy, dips and commit depths of a model on a pair set, sharded across ranks.
+
+    Each rank measures ``pairs[rank::world_size]``; per-item statistics go into torchmetrics ``MeanMetric``
+    objects whose ``compute()`` reduces across processes, so every rank (and a 1-process run) gets the same
+    scalars. Every rank must call :meth:`run` (``compute`` is collective).
+
+    Args:
+        pairs: the probe pairs.
+        lenses: lens names (``"logit"``, ``"causal"``, ``"tuned"`` ... as registered in ``dipreg.LENSES``).
+        batch_size: contexts per forward.
+        window: relative-depth window of ``max_wrong_dip``.
+        prompt: prompt style for the contexts.
+        lens_options: keyword options per lens name.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[MinimalPair],
+        lenses: Sequence[str],
+        *,
+        batch_size: int = 16,
+        window: tuple[float, float] = DEFAULT_WINDOW,
+        prompt: str = "auto",
+        lens_options: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        if not lenses:
+            raise MonitorSetupError("lenses must name at least one lens, e.g. ('logit', 'causal').")
+        self.pairs = list(pairs)
+        self.lenses = tuple(lenses)
+        self.batch_size = batch_size
+        self.window = validate_window(window)
+        self.prompt = prompt
+        self.lens_options = lens_options or {}
+        self.families = sorted({p.family for p in self.pairs})
+        self._metrics: dict[str, MeanMetric] = {}
+
+    def check(self, tokenizer: Any) -> None:
+        """Audit the pairs against the tokenizer now (errors name every failing item)."""
+        audit_single_token(self.pairs, tokenizer)
+
+    def _metric(self, key: str, device: torch.device) -> MeanMetric:
+        if key not in self._metrics:
+            self._metrics[key] = MeanMetric(nan_strategy="ignore")
+        return self._metrics[key].to(device)
+
+    def _update(self, key: str, values: Tensor, device: torch.device) -> None:
+        # An empty shard still updates (with weight 0) so that every rank syncs the same set of metrics.
+        metric = self._metric(key, device)
+        if values.numel():
+            metric.update(values.double().to(device))
+        else:
+            metric.update(torch.zeros(1, dtype=torch.float64, device=device), weight=0.0)
+
+    @torch.no_grad()
+    def run(self, model: nn.Module, tokenizer: Any, rank: int = 0, world_size: int = 1) -> ProbeResult:
+        """Measure this rank's shard under every lens, reduce, and return the scalars."""
+        shard = self.pairs[rank::world_size]
+        device = next(model.parameters()).device
+        local: dict[str, Trajectories] = {}
+        for lens in self.lenses:
+            traj = trajectories(
+                model,
+                tokenizer,
+                shard,
+                lens=lens,
+                batch_size=self.batch_size,
+                window=self.window,
+                prompt=self.prompt,
+                **self.lens_options.get(lens, {}),
+            )
+            local[lens] = traj
+            subsets = {"": torch.ones(len(shard), dtype=torch.bool)}
+            subsets |= {
+                f"family/{f}/": torch.tensor([p.family == f for p in shard], dtype=torch.bool) for f in self.families
+            }
+            subsets["safety/"] = torch.tensor([p.safety for p in shard], dtype=torch.bool)
+            for prefix, mask in subsets.items():
+                base = f"dip/{lens}/{prefix}"
+                self._update(base + "accuracy", traj.correct[mask].float(), device)
+                self._update(base + "max_wrong_dip", traj.max_wrong_dip[mask], device)
+                self._update(base + "commit_layer_frac", traj.commit_layer_frac[mask], device)
+                late = (traj.commit_layer_frac[mask] >= LATE_BINDING_DEPTH).float()
+                self._update(base + "late_binding_rate", late, device)
+        scalars = {}
+        for key in sorted(self._metrics):
+            metric = self._metrics[key]
+            scalars[key] = float(metric.compute())
+            metric.reset()
+        return ProbeResult(scalars=scalars, local=local)

@@ -1,0 +1,188 @@
+"""DipMonitor and CompressionRetention dropped into a user's own LightningModule (not DipRegModule)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import make_tiny_model
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from peft import LoraConfig, get_peft_model
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader
+
+from dipreg.callbacks import CompressionRetention, DipMonitor, MonitorSetupError
+from dipreg.eval.ledger import state_checksum
+from dipreg.stimuli import MinimalPair, StimulusError, save_pairs
+
+
+class UserLoRAModule(pl.LightningModule):
+    """What a user writes: an HF model wrapped in PEFT LoRA, plain next-token CE, their own optimizer."""
+
+    def __init__(self, tokenizer, lora: bool = True, lr: float = 1e-2) -> None:
+        super().__init__()
+        model = make_tiny_model("llama")
+        self.net = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])) if lora else model
+        self.tokenizer = tokenizer
+        self.lr = lr
+
+    def training_step(self, batch, batch_idx):
+        return self.net(input_ids=batch, labels=batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+class NoHFModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 4)
+
+    def training_step(self, batch, batch_idx):  # pragma: no cover - must never run
+        raise AssertionError("training must not start")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def token_batches(n: int = 16) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randint(2, 40, (n, 12), generator=generator)
+    return DataLoader(list(data), batch_size=2)
+
+
+def trainer(tmp_path: Path, max_steps: int, callbacks: list, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(tmp_path, name="tb", version=0),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
+def read_events(log_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_monitor_in_a_user_lora_module_writes_scalars_histograms_and_figures(tmp_path, tiny_tokenizer, tiny_pairs):
+    monitor = DipMonitor(tiny_pairs, every_n_steps=2, lenses=("logit",))
+    module = UserLoRAModule(tiny_tokenizer)
+    trainer(tmp_path, 4, [monitor], enable_checkpointing=False).fit(module, token_batches())
+    events = read_events(tmp_path / "tb" / "version_0")
+    tags = events.Tags()
+    assert "dip/logit/accuracy" in tags["scalars"] and "dip/logit/family/negation/max_wrong_dip" in tags["scalars"]
+    assert [e.step for e in events.Scalars("dip/logit/max_wrong_dip")] == [0, 2, 4]
+    assert {"dip/trajectories", "dip/history"} <= set(tags["images"])
+    assert "dip/logit/max_wrong_dip_items" in tags["histograms"]
+    logged = events.Scalars("dip/logit/accuracy")[-1].value
+    history = json.loads((tmp_path / "tb" / "version_0" / "dip_history.json").read_text())["history"]
+    assert history[-1]["dip/logit/accuracy"] == pytest.approx(logged)
+    assert module.net.training is True  # the probe restored training mode
+
+
+def test_resumed_run_continues_the_history_without_gaps_or_duplicates(tmp_path, tiny_tokenizer, tiny_pairs):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    first = DipMonitor(tiny_pairs, every_n_steps=2, lenses=("logit",), log_figures=False)
+    trainer(tmp_path / "a", 3, [first, ckpt]).fit(UserLoRAModule(tiny_tokenizer), token_batches())  # "killed" at 3
+    path = next((tmp_path / "ckpt").glob("*step=2*.ckpt"))
+    second = DipMonitor(tiny_pairs, every_n_steps=2, lenses=("logit",), log_figures=False)
+    trainer(tmp_path / "b", 6, [second]).fit(UserLoRAModule(tiny_tokenizer), token_batches(), ckpt_path=path)
+    assert [int(h["step"]) for h in second.history] == [0, 2, 4, 6]
+
+
+def test_module_without_an_hf_model_fails_at_setup(tmp_path, tiny_tokenizer, tiny_pairs):
+    with pytest.raises(MonitorSetupError, match="No Hugging Face PreTrainedModel"):
+        trainer(tmp_path, 2, [DipMonitor(tiny_pairs, tokenizer=tiny_tokenizer, lenses=("logit",))]).fit(
+            NoHFModule(), token_batches()
+        )
+
+
+def test_pairs_the_tokenizer_cannot_audit_fail_at_setup(tmp_path, tiny_tokenizer):
+    bad = MinimalPair("bad-7", "is it cold ?", "is it hot ?", " ice cold", " No", "negation", False)
+    module = UserLoRAModule(tiny_tokenizer)
+    with pytest.raises(StimulusError, match="bad-7"):
+        trainer(tmp_path, 2, [DipMonitor([bad], lenses=("logit",))]).fit(module, token_batches())
+
+
+def test_bad_monitor_arguments_are_rejected_at_construction():
+    with pytest.raises(MonitorSetupError, match="every_n_steps"):
+        DipMonitor("core", every_n_steps=0)
+    with pytest.raises(MonitorSetupError, match="'checkpoint' or 'validation_end'"):
+        CompressionRetention("core", on="epoch")  # type: ignore[arg-type]
+
+
+def _ddp_run(tmp_path: Path, devices: int, tokenizer, pairs) -> list[dict]:
+    monitor = DipMonitor(pairs, every_n_steps=1, lenses=("logit",), log_figures=False)
+    run = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        logger=TensorBoardLogger(tmp_path, name="tb", version=0),
+        callbacks=[monitor],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    run.fit(UserLoRAModule(tokenizer, lr=0.0), token_batches(8))
+    return json.loads((tmp_path / "tb" / "version_0" / "dip_history.json").read_text())["history"]
+
+
+def test_two_process_ddp_logs_the_same_monitor_values_as_one_process(tmp_path, tiny_tokenizer, tiny_pairs):
+    pairs = tiny_pairs + [
+        MinimalPair(
+            f"extra-{i}",
+            f"is it good to help {'the ' * i}cat ?",
+            f"is it bad to help {'the ' * i}cat ?",
+            " Yes",
+            " No",
+            "value_flip",
+            i % 2 == 0,
+        )
+        for i in range(3)
+    ]
+    single = _ddp_run(tmp_path / "one", 1, tiny_tokenizer, pairs)
+    double = _ddp_run(tmp_path / "two", 2, tiny_tokenizer, pairs)
+    assert [h["step"] for h in single] == [h["step"] for h in double]
+    for a, b in zip(single, double, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_compression_retention_restores_weights_and_matches_dipreg_degrade(tmp_path, tiny_tokenizer, tiny_pairs):
+    from dipreg.eval.degrade_report import run_degrade
+
+    ops = "late_svd:rank=4,rtn:bits=3"
+    retention = CompressionRetention(tiny_pairs, ops, on="checkpoint", prompt="raw")
+    module = UserLoRAModule(tiny_tokenizer, lora=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer(tmp_path, 4, [retention, ckpt]).fit(module, token_batches())
+    assert [int(h["step"]) for h in retention.history] == [2, 4]
+    before = state_checksum(module.net)
+    again = retention.evaluate(module)
+    assert state_checksum(module.net) == before
+    assert again == pytest.approx({k: v for k, v in retention.history[-1].items() if k != "step"}, nan_ok=True)
+    # the same checkpoint through the `dipreg degrade` code path
+    module.net.save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    save_pairs(tiny_pairs, tmp_path / "pairs.jsonl")
+    report = run_degrade(
+        str(tmp_path / "model"), str(tmp_path / "pairs.jsonl"), ops, tmp_path / "degrade", prompt="raw"
+    )
+    for label in ("late_svd:rank=4", "rtn:bits=3"):
+        assert retention.history[-1][f"retention/{label}/accuracy"] == pytest.approx(
+            report["operators"][label]["accuracy"]
+        )

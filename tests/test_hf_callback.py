@@ -1,0 +1,39 @@
+"""The dip monitor as an HF TrainerCallback, on a short real run of the default model."""
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import Trainer, TrainingArguments
+
+from dipreg.callbacks.hf import DipMonitorCallback
+from dipreg.stimuli import load_pairs
+
+pytestmark = pytest.mark.integration
+
+
+def test_hf_trainer_run_logs_dips_to_tensorboard(tmp_path, default_model):
+    model, tokenizer = default_model
+    probe = load_pairs("core")[::35] + load_pairs("role_binding")[::50]
+    texts = ["The cat sat on the mat.", "Paris is the capital of France.", "Ice is cold and fire is hot."] * 2
+    data = [{"input_ids": ids, "labels": ids} for ids in (tokenizer(t).input_ids for t in texts)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=1,
+        learning_rate=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    monitor = DipMonitorCallback(probe, tokenizer=tokenizer, every_n_steps=1, lenses=("logit",))
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[monitor]).train()
+    events = EventAccumulator(str(tmp_path / "out" / "runs"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("dip/logit/max_wrong_dip")] == [0, 1, 2]
+    assert "dip/trajectories" in events.Tags()["images"]
+    assert monitor.history[0]["dip/logit/accuracy"] == pytest.approx(events.Scalars("dip/logit/accuracy")[0].value)
+    assert (tmp_path / "out" / "dip_history.json").is_file()
+    for name, p in model.named_parameters():  # lr=0: the shared session model is left as it was
+        assert torch.equal(p, before[name]), name
