@@ -130,6 +130,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _degrade_args(p: argparse.ArgumentParser) -> None:
+    from dipreg.eval.operators import DEFAULT_OPS
+
+    add_common(p, "runs/degrade")
+    p.add_argument("--pairs", default="core", help="core | role_binding | FILE.jsonl (default: core)")
+    p.add_argument(
+        "--ops", default=DEFAULT_OPS, help=f"comma-separated operators op:key=value (default: {DEFAULT_OPS})"
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--window", type=window_arg, default=DEFAULT_WINDOW, help="dip window LO,HI (default 0.25,0.90)")
+    add_prompt(p)
+
+
+@command("degrade", "flips under weight/structural degradations, stratified by intact dip and margin", _degrade_args)
+def _degrade(args: argparse.Namespace) -> int:
+    from dipreg.eval.degrade_report import run_degrade
+
+    run_degrade(
+        args.model,
+        args.pairs,
+        args.ops,
+        args.out,
+        batch_size=args.batch_size,
+        window=args.window,
+        prompt=args.prompt,
+    )
+    return 0
+
+
 def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "lightning_args",

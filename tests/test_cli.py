@@ -52,3 +52,11 @@ def test_multi_token_candidate_in_a_pairs_file_is_named(tmp_path, capsys, defaul
 def test_bad_window_is_rejected_by_the_parser(tmp_path):
     with pytest.raises(SystemExit):
         main(["audit", "--window", "0.5", "--out", str(tmp_path)])
+
+
+def test_every_documented_command_is_registered():
+    from dipreg.cli import build_parser
+
+    choices = build_parser()._subparsers._group_actions[0].choices  # the sub-command action
+    documented = {"audit", "bench", "degrade", "fit"}
+    assert documented <= set(choices)
