@@ -186,3 +186,29 @@ def test_compression_retention_restores_weights_and_matches_dipreg_degrade(tmp_p
         assert retention.history[-1][f"retention/{label}/accuracy"] == pytest.approx(
             report["operators"][label]["accuracy"]
         )
+
+
+def test_monitor_and_retention_ride_along_a_dip_regularised_fit(tmp_path, tiny_tokenizer, tiny_pairs):
+    from conftest import make_tiny_model
+
+    from dipreg import DipRegModule, PairDataModule
+    from dipreg.losses import WrongMarginHinge
+
+    path = str(save_pairs(tiny_pairs, tmp_path / "pairs.jsonl"))
+    module = DipRegModule(
+        model=make_tiny_model("llama"),
+        tokenizer=tiny_tokenizer,
+        r=4,
+        alpha=8,
+        aux_losses=[WrongMarginHinge(weight=0.2)],
+    )
+    monitor = DipMonitor(tiny_pairs, every_n_steps=2, lenses=("logit",))
+    retention = CompressionRetention(tiny_pairs, "late_drop,rtn:bits=4", on="validation_end")
+    trainer(tmp_path, 4, [monitor, retention], val_check_interval=2, limit_val_batches=1, log_every_n_steps=1).fit(
+        module, PairDataModule(train=path, val=[path], batch_size=4)
+    )
+    assert [int(h["step"]) for h in monitor.history] == [0, 2, 4]
+    assert [int(h["step"]) for h in retention.history] == [2, 4]
+    events = read_events(tmp_path / "tb" / "version_0")
+    assert "retention/late_drop/accuracy" in events.Tags()["scalars"]
+    assert "train/hinge" in events.Tags()["scalars"]
