@@ -233,7 +233,7 @@ def train_tuned_lens(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
     finally:
         for p in frozen:
