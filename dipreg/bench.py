@@ -126,8 +126,15 @@ def lens_section(ctx: BenchContext) -> list[Ratio]:
     ]
 
 
+def causal_section(ctx: BenchContext) -> list[Ratio]:
+    """The causal lens against its naive transplant and against the logit lens (:mod:`dipreg.bench_causal`)."""
+    from dipreg.bench_causal import causal_section as section
+
+    return section(ctx)
+
+
 #: Sections run by `dipreg bench`, in order.
-SECTIONS: list[Callable[[BenchContext], list[Ratio]]] = [lens_section]
+SECTIONS: list[Callable[[BenchContext], list[Ratio]]] = [lens_section, causal_section]
 
 
 def run_bench(

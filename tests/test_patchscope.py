@@ -13,10 +13,10 @@ from dipreg.stimuli import candidate_token_ids, load_pairs
 from dipreg.trajectory import context_batches
 
 
-def answer_residuals(model, tokenizer, pairs, prompt=PromptFormat()):
+def answer_residuals(model, tokenizer, pairs):
     """Residuals ``(L, 2N, D)`` at the answer position of ctx_a, ctx_b of every pair (interleaved), and the ids."""
     adapter = ModelAdapter(model)
-    (batch,) = context_batches(tokenizer, pairs, 2 * len(pairs), adapter, prompt)
+    (batch,) = context_batches(tokenizer, pairs, 2 * len(pairs), adapter, PromptFormat())
     residuals = torch.empty(adapter.num_layers, 2 * len(pairs), adapter.lm_head.weight.shape[-1])
     with torch.no_grad():
         residuals[:, batch.rows] = adapter.residuals(batch.input_ids, batch.attention_mask, batch.last)
@@ -92,3 +92,12 @@ def test_fast_causal_equals_naive_transplant_on_the_default_model(default_model)
     assert fast.shape == (30, 4)
     torch.testing.assert_close(fast, naive, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast[-1], adapter.margin(residuals[-1], pos, neg), atol=1e-4, rtol=0)
+
+
+def test_bench_section_reports_both_causal_ratios(llama_tiny, tiny_tokenizer, tiny_pairs):
+    from dipreg.bench import BenchContext, causal_section
+
+    ratios = {r.name: r for r in causal_section(BenchContext(llama_tiny, tiny_tokenizer, tiny_pairs, 4, 1))}
+    assert set(ratios) == {"causal_vs_naive_speedup", "causal_vs_lens_ratio"}
+    assert all(r.value > 0 for r in ratios.values())
+    assert "all 8 layers" in ratios["causal_vs_naive_speedup"].detail

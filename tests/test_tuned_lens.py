@@ -87,7 +87,9 @@ def test_missing_tuned_lens_tells_how_to_train_one(llama_tiny, monkeypatch, tmp_
         load_tuned_lens(ModelAdapter(llama_tiny), path=tmp_path / "nowhere.pt")
 
 
-@pytest.mark.parametrize(("layers", "width", "wrong"), [(6, 32, "6 layers of width 32"), (8, 16, "8 layers of width 16")])
+@pytest.mark.parametrize(
+    ("layers", "width", "wrong"), [(6, 32, "6 layers of width 32"), (8, 16, "8 layers of width 16")]
+)
 def test_lens_for_another_shape_is_rejected(llama_tiny, tmp_path, layers, width, wrong):
     path = TunedLens(layers, width, {"model_id": "other"}).save(tmp_path / "other.pt")
     with pytest.raises(ValueError, match=f"trained for {wrong}.*'other'.*got 8 layers of width 32"):
@@ -125,10 +127,15 @@ def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(llama_tiny
     log = json.loads((lens_dir / "train.json").read_text())
     assert log["meta"]["model_id"] == "tiny-llama" and len(log["losses"]) == 5
     audit = tmp_path / "audit"
-    code = main(
-        ["audit", "--model", str(model_dir), "--pairs", str(pairs), "--lens", "logit,tuned,causal"]
-        + ["--tuned-lens", str(lens_dir), "--neutral-prompt", "cat cat\\ndog dog\\n?", "--out", str(audit)]
-    )
+    lenses = [
+        "--lens",
+        "logit,tuned,causal",
+        "--tuned-lens",
+        str(lens_dir),
+        "--neutral-prompt",
+        "cat cat\\ndog dog\\n?",
+    ]
+    code = main(["audit", "--model", str(model_dir), "--pairs", str(pairs), *lenses, "--out", str(audit)])
     assert code == 0
     payload = json.loads((audit / "audit.json").read_text())
     assert set(payload["lenses"]) == {"logit", "tuned", "causal"}
