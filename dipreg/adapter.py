@@ -127,15 +127,15 @@ class ModelAdapter:
         """Hook every decoder layer for one forward pass and keep its output at ``positions`` only.
 
         Args:
-            positions: ``(B,)`` the sequence index to keep for each batch row.
+            positions: ``(B,)`` the sequence index to keep for each batch row, or ``(B, K)`` several per row.
 
         Yields:
-            A list with one slot per layer, filled with ``(B, D)`` tensors during the forward. Only the
-            first firing of each layer is kept (gradient-checkpoint recomputation fires hooks again), and
+            A list with one slot per layer, filled with ``(B, D)`` (or ``(B, K, D)``) tensors during the forward.
+            Only the first firing of each layer is kept (gradient-checkpoint recomputation fires hooks again), and
             the hooks are removed on exit. Gradients flow through the captured tensors.
         """
         slots: list[Tensor | None] = [None] * self.num_layers
-        rows = torch.arange(positions.shape[0], device=positions.device)
+        rows = torch.arange(positions.shape[0], device=positions.device).view(-1, *([1] * (positions.dim() - 1)))
 
         def make_hook(index: int):
             def hook(_module: nn.Module, _inputs: tuple, output: Tensor | tuple) -> None:
@@ -156,7 +156,8 @@ class ModelAdapter:
         """Run the backbone once (no LM head) and return the residual stream after every block.
 
         Returns:
-            ``(L, B, D)``: the output of block ``ℓ`` at ``positions`` for each row.
+            ``(L, B, D)`` (or ``(L, B, K, D)`` for ``(B, K)`` positions): the output of block ``ℓ`` at
+            ``positions`` for each row.
         """
         with self.capture(positions) as slots:
             self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

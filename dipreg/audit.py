@@ -11,7 +11,7 @@ from rich.table import Table
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.models import load_model
-from dipreg.plots import family_trajectory_figure, save_figure
+from dipreg.plots import family_trajectory_figure, lens_comparison_figure, save_figure
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
 from dipreg.trajectory import Trajectories, trajectories
@@ -50,14 +50,17 @@ def run_audit(
     batch_size: int = 16,
     window: tuple[float, float] = DEFAULT_WINDOW,
     prompt: str = "auto",
+    lens_options: dict[str, dict[str, Any]] | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Measure trajectories under every lens, print a table per lens, write ``audit.json`` and
-    ``trajectories.png`` into ``out``, and return the JSON payload.
+    ``trajectories.png`` (plus ``lenses.png`` comparing the lenses when there are several) into ``out``, and
+    return the JSON payload.
 
     ``audit.json`` holds ``items`` and ``summary`` of the first lens at top level, and every lens under
-    ``lenses[name]``.
+    ``lenses[name]``. ``lens_options[name]`` are passed to that lens's factory (e.g. ``{"tuned": {"path": P}}``).
     """
+    lens_options = {name: dict(lens_options.get(name, {})) for name in lenses} if lens_options else {}
     console = console or Console()
     out_dir = prepare_out_dir(out)
     pairs = load_pairs(pairs_name)
@@ -74,6 +77,7 @@ def run_audit(
             window=window,
             prompt=prompt_format,
             progress=True,
+            **lens_options.get(lens, {}),
         )
     blocks = {name: {"items": t.item_records(), "summary": t.summary()} for name, t in results.items()}
     first = blocks[lenses[0]]
@@ -85,15 +89,20 @@ def run_audit(
         "window": list(window),
         "prompt": prompt_format.resolved(tokenizer),
         "lens": lenses[0],
+        "lens_options": lens_options,
         "items": first["items"],
         "summary": first["summary"],
         "lenses": blocks,
     }
     write_json(out_dir / "audit.json", payload)
     save_figure(family_trajectory_figure(results), out_dir / "trajectories.png")
+    figures = "trajectories.png"
+    if len(results) > 1:
+        save_figure(lens_comparison_figure(results), out_dir / "lenses.png")
+        figures += " and lenses.png"
     for name, block in blocks.items():
         console.print(
             summary_table(f"dipreg audit — {payload['model']} on {pairs_name} ({name} lens)", block["summary"])
         )
-    console.print(f"wrote {out_dir / 'audit.json'} and {out_dir / 'trajectories.png'}")
+    console.print(f"wrote {out_dir / 'audit.json'}, {figures}")
     return payload

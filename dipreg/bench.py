@@ -138,6 +138,13 @@ def lens_section(ctx: BenchContext) -> list[Ratio]:
     ]
 
 
+def causal_section(ctx: BenchContext) -> list[Ratio]:
+    """The causal lens against its naive transplant and against the logit lens (:mod:`dipreg.bench_causal`)."""
+    from dipreg.bench_causal import causal_section as section
+
+    return section(ctx)
+
+
 def hinge_section(ctx: BenchContext) -> list[Ratio]:
     """Training-step overhead of the wrong-margin hinge (lives in :mod:`dipreg.bench_training`, imports Lightning)."""
     from dipreg.bench_training import hinge_overhead_section
@@ -151,7 +158,7 @@ def section_name(section: Callable[[BenchContext], list[Ratio]]) -> str:
 
 
 #: Sections of the core run by `dipreg bench`, in order (the CLI adds those of the subpackages).
-SECTIONS: list[Callable[[BenchContext], list[Ratio]]] = [lens_section, hinge_section]
+SECTIONS: list[Callable[[BenchContext], list[Ratio]]] = [lens_section, causal_section, hinge_section]
 
 
 def run_bench(

@@ -68,6 +68,25 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--window", type=window_arg, default=DEFAULT_WINDOW, help="dip window LO,HI (default 0.25,0.90)")
     add_prompt(p)
+    p.add_argument(
+        "--tuned-lens",
+        default=None,
+        help="for --lens tuned: a trained lens (file or folder), or in-domain | out-of-domain for the one "
+        "`dipreg tuned-lens train` wrote to its default location (default: out-of-domain)",
+    )
+    p.add_argument(
+        "--neutral-prompt",
+        default=None,
+        help="for --lens causal: the neutral decoding context whose last token receives the patch "
+        "(default: the patchscope identity prompt 'king king\\n1135 1135\\nhello hello\\n?')",
+    )
+
+
+def _lens_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    from dipreg.tuned_lens import tuned_lens_options
+
+    causal = {} if args.neutral_prompt is None else {"neutral_prompt": args.neutral_prompt.replace("\\n", "\n")}
+    return {"tuned": tuned_lens_options(args.tuned_lens), "causal": causal}
 
 
 @command("audit", "layer-wise DiD trajectories, dips and commit depths of a pair set", _audit_args)
@@ -82,6 +101,7 @@ def _audit(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         window=args.window,
         prompt=args.prompt,
+        lens_options=_lens_options(args),
     )
     return 0
 
@@ -116,6 +136,40 @@ def _bench(args: argparse.Namespace) -> int:
         naive_pairs=args.naive_pairs,
         sections=sections,
     )
+    return 0
+
+
+def _tuned_lens_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["train"], help="train: fit the translators and save them")
+    add_common(p, "<cache>/tuned-lens/<model-id>/<corpus>")
+    p.set_defaults(out=None)
+    p.add_argument("--corpus", required=True, help="in-domain | out-of-domain | FILE (one document per line)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-sequences", type=int, default=256, help="sequences drawn from the corpus (default 256)")
+    p.add_argument("--positions", type=int, default=8, help="training positions: the last K tokens of each text")
+    p.add_argument(
+        "--vocab-top-k",
+        type=int,
+        default=64,
+        help="KL over the union of each position's top-k final tokens; 0 = full vocabulary (default 64)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("tuned-lens", "train a tuned lens (one affine translator per layer) on a corpus", _tuned_lens_args)
+def _tuned_lens(args: argparse.Namespace) -> int:
+    from dipreg.tuned_lens_train import TrainSettings, run_tuned_lens_train
+
+    settings = TrainSettings(
+        steps=args.steps,
+        lr=args.lr,
+        max_sequences=args.max_sequences,
+        positions_per_sequence=args.positions,
+        vocab_top_k=args.vocab_top_k,
+        seed=args.seed,
+    )
+    run_tuned_lens_train(args.model, args.corpus, args.out, settings)
     return 0
 
 

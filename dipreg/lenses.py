@@ -36,9 +36,25 @@ class LogitLens:
         return adapter.margin(residuals, pos_ids, neg_ids)
 
 
+def _causal_lens(adapter: ModelAdapter, tokenizer: Any, **options: Any) -> Lens:
+    from dipreg.patchscope import CausalLens
+
+    return CausalLens(adapter, tokenizer, **options)
+
+
+def _tuned_lens(adapter: ModelAdapter, tokenizer: Any, **options: Any) -> Lens:
+    from dipreg.tuned_lens import load_tuned_lens
+
+    return load_tuned_lens(adapter, **options)
+
+
 LensFactory = Callable[..., Lens]
 #: name -> factory ``(adapter, tokenizer, **options) -> Lens``
-LENSES: dict[str, LensFactory] = {"logit": lambda adapter, tokenizer, **options: LogitLens()}
+LENSES: dict[str, LensFactory] = {
+    "logit": lambda adapter, tokenizer, **options: LogitLens(),
+    "causal": _causal_lens,
+    "tuned": _tuned_lens,
+}
 
 
 def resolve_lens(lens: str | Lens, adapter: ModelAdapter, tokenizer: Any, **options: Any) -> Lens:

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 from matplotlib.figure import Figure
 
 from dipreg.trajectory import Trajectories
@@ -33,6 +34,26 @@ def family_trajectory_figure(by_lens: Mapping[str, Trajectories]) -> Figure:
         ax.set_xlabel("relative depth ℓ/L")
         ax.set_ylabel("mean DiD(ℓ)")
         ax.set_title(f"{lens} lens")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def lens_comparison_figure(by_lens: Mapping[str, Trajectories]) -> Figure:
+    """Two panels, one line per lens, against relative depth: the mean DiD over all items, and the mean
+    output-aligned DiD ``sign(DiD(L))·DiD(ℓ)`` (below zero: the mean item prefers the answer it will reject)."""
+    fig, (raw_ax, aligned_ax) = plt.subplots(1, 2, figsize=(10.4, 3.8))
+    for lens, traj in by_lens.items():
+        depth = (traj.did.new_tensor(range(1, traj.num_layers + 1)) / traj.num_layers).numpy()
+        sign = torch.where(traj.did[:, -1:] > 0, 1.0, -1.0)
+        raw_ax.plot(depth, traj.did.mean(0).numpy(), marker=".", label=lens)
+        aligned_ax.plot(depth, (sign * traj.did).mean(0).numpy(), marker=".", label=lens)
+    lo, hi = next(iter(by_lens.values())).window
+    for ax, title in ((raw_ax, "mean DiD(ℓ)"), (aligned_ax, "mean sign(DiD(L))·DiD(ℓ)")):
+        ax.axvspan(lo, hi, color="0.92", zorder=0)
+        ax.axhline(0.0, color="0.3", lw=0.8)
+        ax.set_xlabel("relative depth ℓ/L")
+        ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

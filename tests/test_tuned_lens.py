@@ -1,0 +1,153 @@
+"""The tuned lens: identity translators are the logit lens, training lowers the KL, files round-trip exactly,
+bad files and mismatched models get clear errors, and the CLI trains a lens that the audit reads."""
+
+import json
+
+import pytest
+import torch
+
+import dipreg
+from dipreg.adapter import ModelAdapter
+from dipreg.cli import main
+from dipreg.stimuli import save_pairs
+from dipreg.tuned_lens import TunedLens, load_tuned_lens
+from dipreg.tuned_lens_train import (
+    TrainSettings,
+    collect_hidden_states,
+    in_domain_texts,
+    lens_kl,
+    sample_out_of_domain_texts,
+    train_tuned_lens,
+)
+
+TEXTS = [
+    "Alice chased Bob . Who chased ? Answer : Alice",
+    "the cat chased the dog . it was hot",
+    "ice is cold . fire is hot . True or False ?",
+    "is it good to help ? Yes . is it right to steal ? No",
+    "Bob was chased by the cat , the dog was chased by Alice",
+    "Question : is it wrong to steal ? Answer : Yes",
+]
+
+
+def trained_lens(model, tokenizer, steps=40):
+    adapter = ModelAdapter(model)
+    hidden = collect_hidden_states(adapter, tokenizer, TEXTS, positions_per_sequence=6)
+    settings = TrainSettings(steps=steps, lr=3e-3, batch_tokens=16, vocab_top_k=0)
+    lens, losses = train_tuned_lens(adapter, hidden, settings, meta={"model_id": "tiny"})
+    return adapter, hidden, lens, losses
+
+
+def test_identity_translators_reproduce_the_logit_lens_exactly(tiny_model, tiny_tokenizer, tiny_pairs, tmp_path):
+    adapter = ModelAdapter(tiny_model)
+    path = TunedLens(adapter.num_layers, adapter.lm_head.weight.shape[-1]).save(tmp_path / "identity.pt")
+    tuned = dipreg.trajectories(tiny_model, tiny_tokenizer, tiny_pairs, lens="tuned", path=path)
+    logit = dipreg.trajectories(tiny_model, tiny_tokenizer, tiny_pairs, lens="logit")
+    assert tuned.lens == "tuned"
+    assert torch.equal(tuned.margin_a, logit.margin_a) and torch.equal(tuned.margin_b, logit.margin_b)
+
+
+def test_training_lowers_the_kl_to_the_final_layer(llama_tiny, tiny_tokenizer):
+    adapter, hidden, lens, losses = trained_lens(llama_tiny, tiny_tokenizer)
+    assert hidden.shape == (8, 6 * 6, 32)
+    identity = TunedLens(8, 32)
+    with torch.no_grad():
+        before, after = lens_kl(identity, adapter, hidden, None), lens_kl(lens, adapter, hidden, None)
+    assert after < 0.5 * before, f"KL on the training positions {before:.4f} -> {after:.4f}"
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert all(p.requires_grad for p in llama_tiny.parameters()), "the model's trainability is restored"
+
+
+def test_trained_lens_keeps_the_last_layer_equal_to_the_output(llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path):
+    _, _, lens, _ = trained_lens(llama_tiny, tiny_tokenizer, steps=10)
+    tuned = dipreg.trajectories(llama_tiny, tiny_tokenizer, tiny_pairs, lens=lens)
+    logit = dipreg.trajectories(llama_tiny, tiny_tokenizer, tiny_pairs, lens="logit")
+    assert torch.equal(tuned.margin_a[:, -1], logit.margin_a[:, -1])
+    assert not torch.allclose(tuned.did[:, :-1], logit.did[:, :-1], atol=1e-4)
+
+
+def test_save_load_round_trips_exactly(llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path):
+    _, _, lens, _ = trained_lens(llama_tiny, tiny_tokenizer, steps=10)
+    path = lens.save(tmp_path / "lens" / "tuned-lens.pt")
+    loaded = TunedLens.load(tmp_path / "lens")  # a folder means the tuned-lens.pt inside it
+    assert loaded.meta == {**lens.meta, "num_layers": 8, "hidden_size": 32}
+    original, restored = lens.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    a = dipreg.trajectories(llama_tiny, tiny_tokenizer, tiny_pairs, lens=lens)
+    b = dipreg.trajectories(llama_tiny, tiny_tokenizer, tiny_pairs, lens="tuned", path=path)
+    assert torch.equal(a.did, b.did)
+
+
+def test_missing_tuned_lens_tells_how_to_train_one(llama_tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("DIPREG_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="dipreg tuned-lens train --corpus out-of-domain"):
+        load_tuned_lens(ModelAdapter(llama_tiny))
+    with pytest.raises(FileNotFoundError, match="No tuned lens at"):
+        load_tuned_lens(ModelAdapter(llama_tiny), path=tmp_path / "nowhere.pt")
+
+
+@pytest.mark.parametrize(
+    ("layers", "width", "wrong"), [(6, 32, "6 layers of width 32"), (8, 16, "8 layers of width 16")]
+)
+def test_lens_for_another_shape_is_rejected(llama_tiny, tmp_path, layers, width, wrong):
+    path = TunedLens(layers, width, {"model_id": "other"}).save(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=f"trained for {wrong}.*'other'.*got 8 layers of width 32"):
+        load_tuned_lens(ModelAdapter(llama_tiny), path=path)
+
+
+def test_not_a_tuned_lens_file_is_rejected(llama_tiny, tmp_path):
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a tuned-lens file"):
+        load_tuned_lens(ModelAdapter(llama_tiny), path=tmp_path / "x.pt")
+
+
+def test_out_of_domain_sampling_is_seeded(llama_tiny, tiny_tokenizer):
+    first = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
+    again = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
+    other = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=4)
+    assert len(first) == 20 and first == again and first != other
+
+
+def test_in_domain_corpus_is_every_builtin_context(tiny_tokenizer):
+    texts = in_domain_texts(tiny_tokenizer)  # no chat template: raw contexts
+    assert len(texts) == 2 * (278 + 200)
+    assert all(text.rstrip().endswith(":") or "Answer" in text for text in texts[:10])
+
+
+def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path):
+    model_dir, corpus, pairs = tmp_path / "tiny-llama", tmp_path / "corpus.txt", tmp_path / "pairs.jsonl"
+    llama_tiny.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    corpus.write_text("\n".join(TEXTS) + "\n")
+    save_pairs(tiny_pairs, pairs)
+    lens_dir = tmp_path / "lens"
+    train = ["tuned-lens", "train", "--model", str(model_dir), "--corpus", str(corpus), "--out", str(lens_dir)]
+    assert main([*train, "--steps", "5", "--vocab-top-k", "0"]) == 0
+    log = json.loads((lens_dir / "train.json").read_text())
+    assert log["meta"]["model_id"] == "tiny-llama" and len(log["losses"]) == 5
+    audit = tmp_path / "audit"
+    lenses = [
+        "--lens",
+        "logit,tuned,causal",
+        "--tuned-lens",
+        str(lens_dir),
+        "--neutral-prompt",
+        "cat cat\\ndog dog\\n?",
+    ]
+    code = main(["audit", "--model", str(model_dir), "--pairs", str(pairs), *lenses, "--out", str(audit)])
+    assert code == 0
+    payload = json.loads((audit / "audit.json").read_text())
+    assert set(payload["lenses"]) == {"logit", "tuned", "causal"}
+    assert payload["lens_options"]["causal"] == {"neutral_prompt": "cat cat\ndog dog\n?"}
+    assert (audit / "lenses.png").stat().st_size > 10_000
+
+
+def test_audit_without_a_trained_lens_names_the_fix(llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path, capsys):
+    model_dir, pairs = tmp_path / "tiny-llama", tmp_path / "pairs.jsonl"
+    llama_tiny.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    save_pairs(tiny_pairs, pairs)
+    args = ["audit", "--model", str(model_dir), "--pairs", str(pairs), "--lens", "tuned", "--tuned-lens", "in-domain"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert "dipreg tuned-lens train --corpus in-domain" in capsys.readouterr().err
