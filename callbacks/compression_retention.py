@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from dipreg.callbacks.probe import ModelGetter, MonitorSetupError, find_hf_model, resolve_pairs
+from dipreg.callbacks.probe import ModelGetter, MonitorSetupError, find_hf_model, resolve_pairs, resolve_tokenizer
 from dipreg.eval.degrade_report import operator_result
 from dipreg.eval.ledger import state_checksum
 from dipreg.eval.operators import degrade, get_operator, op_label, parse_ops
@@ -91,12 +91,7 @@ class CompressionRetention(Callback):
         audit_single_token(self.pairs, self._tokenizer(pl_module))
 
     def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
-        if tokenizer is None:
-            raise MonitorSetupError(
-                "CompressionRetention needs a tokenizer: pass tokenizer=... or set pl_module.tokenizer."
-            )
-        return tokenizer
+        return resolve_tokenizer(self.tokenizer, pl_module, "CompressionRetention")
 
     @torch.no_grad()
     def evaluate(self, pl_module: pl.LightningModule) -> dict[str, float]:

@@ -17,7 +17,15 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dipreg.callbacks.figures import history_figure, trajectory_figure
-from dipreg.callbacks.probe import DipProbe, ModelGetter, MonitorSetupError, ProbeResult, find_hf_model, resolve_pairs
+from dipreg.callbacks.probe import (
+    DipProbe,
+    ModelGetter,
+    MonitorSetupError,
+    ProbeResult,
+    find_hf_model,
+    resolve_pairs,
+    resolve_tokenizer,
+)
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.stimuli import MinimalPair
 
@@ -112,13 +120,7 @@ class DipMonitor(Callback):
             rank_zero_warn("DipMonitor: the Trainer has no logger; dips go only to the history JSON.")
 
     def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
-        if tokenizer is None:
-            raise MonitorSetupError(
-                f"DipMonitor needs a tokenizer: pass DipMonitor(tokenizer=...) or set {type(pl_module).__name__}"
-                ".tokenizer."
-            )
-        return tokenizer
+        return resolve_tokenizer(self.tokenizer, pl_module, "DipMonitor")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Probe once before the first step (not again on resume)."""

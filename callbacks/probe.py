@@ -48,6 +48,16 @@ def find_hf_model(module: nn.Module, getter: ModelGetter = None) -> nn.Module:
     return found
 
 
+def resolve_tokenizer(explicit: Any, module: nn.Module, owner: str) -> Any:
+    """``explicit`` when given, else ``module.tokenizer``; a clear error naming ``owner`` otherwise."""
+    tokenizer = explicit if explicit is not None else getattr(module, "tokenizer", None)
+    if tokenizer is None:
+        raise MonitorSetupError(
+            f"{owner} needs a tokenizer: pass tokenizer=... or set {type(module).__name__}.tokenizer."
+        )
+    return tokenizer
+
+
 def resolve_pairs(pairs: str | Sequence[MinimalPair]) -> list[MinimalPair]:
     """Pairs from a built-in name, a JSONL path, or a sequence of :class:`MinimalPair`."""
     loaded = load_pairs(pairs) if isinstance(pairs, str) else list(pairs)
