@@ -45,7 +45,8 @@ def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
     return model
 
 
-def _output_tensor(output: Tensor | tuple) -> Tensor:
+def output_tensor(output: Tensor | tuple) -> Tensor:
+    """The hidden states of a decoder layer's output, whether it returned a tensor or a tuple."""
     # Since transformers 4.56 some decoder layers return a plain tensor, others a tuple.
     return output if isinstance(output, Tensor) else output[0]
 
@@ -140,7 +141,7 @@ class ModelAdapter:
         def make_hook(index: int):
             def hook(_module: nn.Module, _inputs: tuple, output: Tensor | tuple) -> None:
                 if slots[index] is None:
-                    hidden = _output_tensor(output)
+                    hidden = output_tensor(output)
                     slots[index] = hidden[rows.to(hidden.device), positions.to(hidden.device)]
 
             return hook

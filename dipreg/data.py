@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from dipreg.prompting import PromptFormat, PromptStyle
 from dipreg.stimuli import MinimalPair, StimulusError, candidate_token_ids, load_pairs
-from dipreg.trajectory import _pad_right, _tokenize_contexts
+from dipreg.trajectory import pad_right, tokenize_contexts
 
 __all__ = ["PairDataModule", "pair_examples"]
 
@@ -28,7 +28,7 @@ def pair_examples(
     tokenizer: Any, pairs: Sequence[MinimalPair], prompt: PromptFormat, max_positions: int | None = None
 ) -> list[Example]:
     """``(token ids, correct id, wrong id)`` for ``ctx_a`` then ``ctx_b`` of every pair (interleaved)."""
-    encoded = _tokenize_contexts(tokenizer, pairs, max_positions, prompt)
+    encoded = tokenize_contexts(tokenizer, pairs, max_positions, prompt)
     pos, neg = candidate_token_ids(pairs, tokenizer)
     return [
         (ids, pos[i // 2], neg[i // 2]) if i % 2 == 0 else (ids, neg[i // 2], pos[i // 2])
@@ -38,7 +38,7 @@ def pair_examples(
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Tensor]:
     """Right-pad a list of examples into ``input_ids``, ``attention_mask``, ``last``, ``correct``, ``wrong``."""
-    input_ids, mask, last = _pad_right([e[0] for e in examples], pad_id, torch.device("cpu"))
+    input_ids, mask, last = pad_right([e[0] for e in examples], pad_id, torch.device("cpu"))
     return {
         "input_ids": input_ids,
         "attention_mask": mask,

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from dipreg.adapter import ModelAdapter, _output_tensor
+from dipreg.adapter import ModelAdapter, output_tensor
 
 #: Patchscopes' few-shot identity prompt; the patch goes into its final "?".
 DEFAULT_NEUTRAL_PROMPT = "king king\n1135 1135\nhello hello\n?"
@@ -51,7 +51,7 @@ def _patch_blocks(adapter: ModelAdapter, source: Tensor, patch: Tensor) -> Itera
         active = bool(rows.any())
 
         def hook(_module: nn.Module, _inputs: tuple, output: Tensor | tuple) -> Tensor | tuple:
-            hidden = _output_tensor(output)
+            hidden = output_tensor(output)
             if active:
                 last = torch.where(rows[:, None], patch, hidden[:, -1])
                 hidden = torch.cat([hidden[:, :-1], last[:, None]], dim=1)
@@ -172,7 +172,7 @@ def naive_causal_margins(
         for i in range(n):
 
             def hook(_module: nn.Module, _inputs: tuple, output: Tensor | tuple, h=residuals[layer_index, i]):
-                hidden = _output_tensor(output).clone()
+                hidden = output_tensor(output).clone()
                 hidden[0, -1] = h
                 return _replace_output(output, hidden)
 

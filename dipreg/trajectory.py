@@ -116,7 +116,7 @@ def _max_positions(model: nn.Module) -> int | None:
     return getattr(config, "max_position_embeddings", None) if config is not None else None
 
 
-def _tokenize_contexts(
+def tokenize_contexts(
     tokenizer: Any, pairs: Sequence[MinimalPair], limit: int | None, prompt: PromptFormat
 ) -> list[list[int]]:
     """Token ids of ``ctx_a, ctx_b`` for every pair, interleaved; errors name every context that is too long."""
@@ -140,7 +140,7 @@ def _tokenize_contexts(
     return encoded
 
 
-def _pad_right(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def pad_right(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Right-pad so that every real token keeps its position id; return ids, mask and last positions."""
     width = max(len(ids) for ids in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -171,13 +171,13 @@ def context_batches(
 ) -> list[ContextBatch]:
     """Tokenize ``ctx_a, ctx_b`` of every pair (interleaved: row ``2i`` is pair i's a, ``2i+1`` its b), sort
     by length (less padding) and cut into right-padded batches on the model's device."""
-    encoded = _tokenize_contexts(tokenizer, pairs, _max_positions(adapter.causal_lm), prompt)
+    encoded = tokenize_contexts(tokenizer, pairs, _max_positions(adapter.causal_lm), prompt)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        input_ids, mask, last = _pad_right([encoded[i] for i in rows], pad_id, adapter.device)
+        input_ids, mask, last = pad_right([encoded[i] for i in rows], pad_id, adapter.device)
         batches.append(ContextBatch(torch.tensor(rows), input_ids, mask, last))
     return batches
 

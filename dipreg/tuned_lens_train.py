@@ -24,7 +24,7 @@ from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.models import load_model
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
-from dipreg.trajectory import _pad_right
+from dipreg.trajectory import pad_right
 from dipreg.tuned_lens import CORPORA, TUNED_LENS_FILE, TunedLens, default_tuned_lens_dir, model_id
 
 #: Generic openings the out-of-domain corpus is sampled from (raw text, no chat template).
@@ -157,7 +157,7 @@ def collect_hidden_states(
     offsets = torch.arange(positions_per_sequence, device=adapter.device)
     chunks = []
     for start in range(0, len(encoded), batch_size):
-        input_ids, mask, last = _pad_right(encoded[start : start + batch_size], pad_id, adapter.device)
+        input_ids, mask, last = pad_right(encoded[start : start + batch_size], pad_id, adapter.device)
         positions = last[:, None] - offsets  # (B, K), may run below 0 for short texts
         residuals = adapter.residuals(input_ids, mask, positions.clamp(min=0))  # (L, B, K, D)
         chunks.append(residuals[:, positions >= 0])
