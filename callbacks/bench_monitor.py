@@ -7,6 +7,7 @@ PEFT's in-place adapter injection never reaches the model the other sections mea
 from __future__ import annotations
 
 import copy
+import tempfile
 import time
 
 import lightning.pytorch as pl
@@ -46,7 +47,9 @@ def _timed_fit(ctx: BenchContext, monitor: DipMonitor | None) -> float:
     vocab = ctx.adapter.lm_head.weight.shape[0]
     data = torch.randint(0, vocab, (TRAIN_STEPS * BATCH_SIZE, SEQ_LEN), generator=torch.Generator().manual_seed(0))
     module = _LoRARun(copy.deepcopy(ctx.adapter.causal_lm), ctx.tokenizer)
+    scratch = tempfile.TemporaryDirectory(prefix="dipreg-bench-")  # the monitor's history JSON lands here
     trainer = pl.Trainer(
+        default_root_dir=scratch.name,
         max_steps=TRAIN_STEPS,
         accelerator="cpu",
         devices=1,
@@ -58,7 +61,9 @@ def _timed_fit(ctx: BenchContext, monitor: DipMonitor | None) -> float:
     )
     start = time.perf_counter()
     trainer.fit(module, DataLoader(list(data), batch_size=BATCH_SIZE))
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    scratch.cleanup()
+    return elapsed
 
 
 def monitor_section(ctx: BenchContext) -> list[Ratio]:
