@@ -20,8 +20,6 @@ from dipreg.stimuli import (
     save_pairs,
 )
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer(default_model):
