@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from dipreg.adapter import ModelAdapter
 from dipreg.metrics import DEFAULT_WINDOW, validate_window
 from dipreg.stimuli import MinimalPair, audit_single_token, load_pairs
-from dipreg.trajectory import LATE_BINDING_DEPTH, Trajectories, trajectories
+from dipreg.trajectory import LATE_BINDING_DEPTH, Trajectories, trajectories_by_lens
 
 ModelGetter = str | Callable[[nn.Module], nn.Module] | None
 
@@ -133,19 +133,17 @@ class DipProbe:
         """Measure this rank's shard under every lens, reduce, and return the scalars."""
         shard = self.pairs[rank::world_size]
         device = next(model.parameters()).device
-        local: dict[str, Trajectories] = {}
-        for lens in self.lenses:
-            traj = trajectories(
-                model,
-                tokenizer,
-                shard,
-                lens=lens,
-                batch_size=self.batch_size,
-                window=self.window,
-                prompt=self.prompt,
-                **self.lens_options.get(lens, {}),
-            )
-            local[lens] = traj
+        local = trajectories_by_lens(
+            model,
+            tokenizer,
+            shard,
+            self.lenses,
+            batch_size=self.batch_size,
+            window=self.window,
+            prompt=self.prompt,
+            lens_options=self.lens_options,
+        )
+        for lens, traj in local.items():
             subsets = {"": torch.ones(len(shard), dtype=torch.bool)}
             subsets |= {
                 f"family/{f}/": torch.tensor([p.family == f for p in shard], dtype=torch.bool) for f in self.families

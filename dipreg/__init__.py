@@ -7,7 +7,7 @@ Public surface (DESIGN.md): :func:`load_model`, :func:`trajectories`, :mod:`dipr
 from dipreg.adapter import ModelAdapter, UnsupportedModelError
 from dipreg.lenses import LENSES, Lens, LogitLens
 from dipreg.models import ModelLoadError, load_model
-from dipreg.trajectory import Trajectories, trajectories
+from dipreg.trajectory import Trajectories, trajectories, trajectories_by_lens
 
 __all__ = [
     "LENSES",
@@ -22,6 +22,7 @@ __all__ = [
     "UnsupportedModelError",
     "load_model",
     "trajectories",
+    "trajectories_by_lens",
 ]
 __version__ = "0.1.0"
 

@@ -14,7 +14,7 @@ from dipreg.models import load_model
 from dipreg.plots import family_trajectory_figure, lens_comparison_figure, save_figure
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
-from dipreg.trajectory import Trajectories, trajectories
+from dipreg.trajectory import Trajectories, trajectories_by_lens
 
 
 def summary_table(title: str, summary: dict[str, Any]) -> Table:
@@ -66,19 +66,17 @@ def run_audit(
     pairs = load_pairs(pairs_name)
     model, tokenizer = load_model(model_name)
     prompt_format = PromptFormat(prompt)  # type: ignore[arg-type]
-    results: dict[str, Trajectories] = {}
-    for lens in lenses:
-        results[lens] = trajectories(
-            model,
-            tokenizer,
-            pairs,
-            lens=lens,
-            batch_size=batch_size,
-            window=window,
-            prompt=prompt_format,
-            progress=True,
-            **lens_options.get(lens, {}),
-        )
+    results: dict[str, Trajectories] = trajectories_by_lens(
+        model,
+        tokenizer,
+        pairs,
+        lenses,
+        batch_size=batch_size,
+        window=window,
+        prompt=prompt_format,
+        progress=True,
+        lens_options=lens_options,
+    )
     blocks = {name: {"items": t.item_records(), "summary": t.summary()} for name, t in results.items()}
     first = blocks[lenses[0]]
     payload = {

@@ -187,34 +187,78 @@ def context_margins(
     model: nn.Module,
     tokenizer: Any,
     pairs: Sequence[MinimalPair],
-    lens: Lens,
+    lenses: Sequence[Lens],
     *,
     batch_size: int = 16,
     progress: bool = False,
     adapter: ModelAdapter | None = None,
     prompt: PromptFormat = DEFAULT_PROMPT,
-) -> tuple[Tensor, Tensor]:
-    """Per-layer margins of ``ctx_a`` and ``ctx_b`` for every pair, ``(N, L)`` each, in input order.
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per-layer margins of ``ctx_a`` and ``ctx_b`` for every pair, ``(N, L)`` each, in input order, per lens.
 
-    Contexts are right-padded and read at their own last token, so a batched run equals one-at-a-time runs.
+    One forward per batch captures the residuals, and every lens reads the same residuals (no forward per
+    lens). Contexts are right-padded and read at their own last token, so a batched run equals one-at-a-time
+    runs.
     """
     adapter = adapter or ModelAdapter(model)
     pos, neg = candidate_token_ids(pairs, tokenizer)
     pos_ids = torch.tensor(pos).repeat_interleave(2).to(adapter.device)
     neg_ids = torch.tensor(neg).repeat_interleave(2).to(adapter.device)
     batches = context_batches(tokenizer, pairs, batch_size, adapter, prompt)
-    out = torch.empty(2 * len(pairs), adapter.num_layers)
+    out = {lens.name: torch.empty(2 * len(pairs), adapter.num_layers) for lens in lenses}
+    description = "+".join(out) + " lens"
     was_training = adapter.model.training
     adapter.model.eval()
     try:
-        for batch in track(batches, description=f"{lens.name} lens", disable=not progress, transient=True):
+        for batch in track(batches, description=description, disable=not progress, transient=True):
             residuals = adapter.residuals(batch.input_ids, batch.attention_mask, batch.last)
             rows = batch.rows.to(adapter.device)
-            margins = lens.margins(adapter, residuals, pos_ids[rows], neg_ids[rows])
-            out[batch.rows] = margins.float().T.cpu()
+            for lens in lenses:
+                margins = lens.margins(adapter, residuals, pos_ids[rows], neg_ids[rows])
+                out[lens.name][batch.rows] = margins.float().T.cpu()
     finally:
         adapter.model.train(was_training)
-    return out[0::2], out[1::2]
+    return {name: (m[0::2], m[1::2]) for name, m in out.items()}
+
+
+def trajectories_by_lens(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[MinimalPair],
+    lenses: Sequence[str | Lens],
+    *,
+    batch_size: int = 16,
+    window: tuple[float, float] = metrics.DEFAULT_WINDOW,
+    prompt: PromptFormat | str = DEFAULT_PROMPT,
+    progress: bool = False,
+    lens_options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Trajectories]:
+    """:func:`trajectories` under several lenses from ONE forward pass per batch, keyed by lens name.
+
+    ``lens_options[name]`` is passed to the factory of lens ``name``.
+    """
+    pairs = list(pairs)
+    if not pairs:
+        raise StimulusError("No minimal pairs given: pass at least one pair (see dipreg.stimuli.load_pairs).")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if not lenses:
+        raise ValueError("Name at least one lens (e.g. 'logit').")
+    window = metrics.validate_window(window)
+    prompt = PromptFormat(prompt) if isinstance(prompt, str) else prompt
+    adapter = ModelAdapter(model)
+    options = lens_options or {}
+    built = [
+        resolve_lens(lens, adapter, tokenizer, **(options.get(lens, {}) if isinstance(lens, str) else {}))
+        for lens in lenses
+    ]
+    margins = context_margins(
+        model, tokenizer, pairs, built, batch_size=batch_size, progress=progress, adapter=adapter, prompt=prompt
+    )
+    return {
+        name: Trajectories(pairs=pairs, lens=name, margin_a=a, margin_b=b, window=window)
+        for name, (a, b) in margins.items()
+    }
 
 
 def trajectories(
@@ -251,23 +295,16 @@ def trajectories(
         >>> traj = dipreg.trajectories(model, tok, dipreg.stimuli.load_pairs("core"))  # doctest: +SKIP
         >>> traj.summary()["all"]["accuracy"]  # doctest: +SKIP
     """
-    pairs = list(pairs)
-    if not pairs:
-        raise StimulusError("No minimal pairs given: pass at least one pair (see dipreg.stimuli.load_pairs).")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    window = metrics.validate_window(window)
-    prompt = PromptFormat(prompt) if isinstance(prompt, str) else prompt
-    adapter = ModelAdapter(model)
-    lens_obj = resolve_lens(lens, adapter, tokenizer, **lens_options)
-    margin_a, margin_b = context_margins(
+    options = {lens: lens_options} if isinstance(lens, str) else {}
+    by_lens = trajectories_by_lens(
         model,
         tokenizer,
         pairs,
-        lens_obj,
+        [lens],
         batch_size=batch_size,
-        progress=progress,
-        adapter=adapter,
+        window=window,
         prompt=prompt,
+        progress=progress,
+        lens_options=options,
     )
-    return Trajectories(pairs=pairs, lens=lens_obj.name, margin_a=margin_a, margin_b=margin_b, window=window)
+    return next(iter(by_lens.values()))

@@ -148,3 +148,17 @@ def test_empty_pair_list_is_rejected(llama_tiny, tiny_tokenizer):
 def test_unknown_lens_is_rejected(llama_tiny, tiny_tokenizer, tiny_pairs):
     with pytest.raises(ValueError, match="Unknown lens"):
         dipreg.trajectories(llama_tiny, tiny_tokenizer, tiny_pairs, lens="telescope")
+
+
+def test_several_lenses_share_one_forward_and_equal_single_lens_runs(
+    llama_tiny, tiny_tokenizer, tiny_pairs, monkeypatch
+):
+    calls = []
+    capture = ModelAdapter.residuals
+    monkeypatch.setattr(ModelAdapter, "residuals", lambda self, *a: calls.append(1) or capture(self, *a))
+    both = dipreg.trajectories_by_lens(llama_tiny, tiny_tokenizer, tiny_pairs, ["logit", "causal"], batch_size=8)
+    assert len(calls) == 1  # 8 contexts in one batch: one residual capture serves both lenses
+    monkeypatch.setattr(ModelAdapter, "residuals", capture)
+    for name in ("logit", "causal"):
+        single = dipreg.trajectories(llama_tiny, tiny_tokenizer, tiny_pairs, lens=name, batch_size=8)
+        torch.testing.assert_close(both[name].did, single.did)
