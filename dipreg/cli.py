@@ -230,6 +230,88 @@ def _fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in csv_list(text)]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in csv_list(text)]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
+
+
+def _arms_args(p: argparse.ArgumentParser) -> None:
+    add_common(p, "runs/arms")
+    p.add_argument("--arms", type=csv_list, default=None, help="output_only,late_only,dip_reg (default: all three)")
+    p.add_argument(
+        "--lambdas", type=_float_list, default=None, help="hinge weights; one dip_reg arm each (default 0.2)"
+    )
+    p.add_argument("--seeds", type=_int_list, default=None, help="training seeds (default: 0,1,2)")
+    p.add_argument("--quick", action="store_true", help="CI-sized smoke run (a few steps, small sets; minutes)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per arm (default: the recipe's)")
+    p.add_argument("--eval-pairs", default=None, help="evaluation set (default: strict240)")
+    p.add_argument("--eval-limit", type=int, default=None, help="use only the first N evaluation pairs")
+    p.add_argument(
+        "--conditions", default=None, help="clean plus `dipreg degrade` ops (default: the paper's Table 4 set and more)"
+    )
+    p.add_argument("--monitor-every", type=int, default=None, help="DipMonitor cadence in steps (default 15)")
+
+
+@command("arms", "train the recipe arms x seeds with the dip monitor, evaluate under compression, report", _arms_args)
+def _arms(args: argparse.Namespace) -> int:
+    from dipreg.eval.arms import run_arms
+
+    run_arms(
+        args.model,
+        args.arms,
+        args.lambdas,
+        args.seeds,
+        quick=args.quick,
+        out=args.out,
+        max_steps=args.steps,
+        eval_pairs=args.eval_pairs,
+        eval_limit=args.eval_limit,
+        conditions=args.conditions,
+        monitor_every=args.monitor_every,
+    )
+    return 0
+
+
+def _ladder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", required=True, help="BASE:INSTRUCT[,BASE:INSTRUCT...] (HF names or local paths)")
+    p.add_argument("--out", default="runs/ladder", help="output folder (default: runs/ladder)")
+    p.add_argument("--pairs", default="core", help="core | role_binding | FILE.jsonl (default: core)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--prompt",
+        choices=PROMPT_STYLES,
+        default="raw",
+        help="raw (default: base models have no chat template, and both models must see the same text) | chat | auto",
+    )
+    p.add_argument("--no-w3", action="store_true", help="skip the instruct models' RTN-w3 accuracy (point size)")
+
+
+@command("ladder", "base vs instruct causal-dip ladder: paired t over items, accuracy check, taxonomy", _ladder_args)
+def _ladder(args: argparse.Namespace) -> int:
+    from dipreg.eval.ladder import run_ladder
+
+    run_ladder(
+        args.models,
+        args.pairs,
+        args.out,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        w3=not args.no_w3,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dipreg`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,186 @@
+"""The statistics of `dipreg arms` (paper §6.2–6.5): arm means over seeds, per-seed McNemar, the monitor forecast.
+
+Input: one record per trained run (``arm``, ``seed``, ``monitor`` history, ``eval``) and the untrained model's
+``eval``. Every test is computed per seed and never pooled across seeds (pooling discordant pairs would
+overstate the effective sample size, §6.3). Output: JSON-ready dicts; rendering lives in ``arms_report``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dipreg.eval import stats
+
+__all__ = [
+    "RETENTION_CONDITION",
+    "arm_table",
+    "causal_table",
+    "forecast",
+    "mean_sd",
+    "per_seed_mcnemar",
+    "retention_table",
+]
+
+#: The condition whose accuracy is "retention" in the forecast and the last column of Table 3 (paper: mid-SVD r64).
+RETENTION_CONDITION = "mid_svd:rank=64"
+REFERENCE_ARM = "output_only"
+SATURATION_ACCURACY = 0.95
+
+
+def mean_sd(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean, sample standard deviation (NaN for one value) and the values; ``None`` entries are skipped."""
+    kept = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not kept:
+        return {"mean": math.nan, "sd": math.nan, "n": 0, "values": []}
+    sd = float(np.std(kept, ddof=1)) if len(kept) > 1 else math.nan
+    return {"mean": float(np.mean(kept)), "sd": sd, "n": len(kept), "values": kept}
+
+
+def _by_arm(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        out.setdefault(run["arm"], []).append(run)
+    return out
+
+
+def _row(ev: dict[str, Any]) -> dict[str, float | None]:
+    logit, causal = ev["summary"]["logit"], ev["summary"]["causal"]
+    retention = ev["conditions"].get(RETENTION_CONDITION, {}).get("accuracy")
+    return {
+        "accuracy": logit["accuracy"],
+        "dip": logit["mean_max_wrong_dip"],
+        "commit": logit["mean_commit_layer_frac"],
+        "causal_dip": causal["mean_max_wrong_dip"],
+        "causal_commit": causal["mean_commit_layer_frac"],
+        "fragility": ev.get("fragility"),
+        "nll": ev.get("nll"),
+        "retention": retention,
+    }
+
+
+def arm_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table 3: per arm (mean ± sd over seeds) accuracy, logit dip, commit, fragility, NLL, retention."""
+    rows = [{"arm": "untrained", **{k: mean_sd([v]) for k, v in _row(untrained).items()}}]
+    for arm, arm_runs in _by_arm(runs).items():
+        per_seed = [_row(r["eval"]) for r in arm_runs]
+        rows.append({"arm": arm, **{k: mean_sd([p[k] for p in per_seed]) for k in per_seed[0]}})
+    return rows
+
+
+def causal_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table 5: causal (patchscope) dip and commit of every arm, and the relative change of the dip vs untrained."""
+    base = untrained["summary"]["causal"]["mean_max_wrong_dip"]
+    rows = [
+        {
+            "arm": "untrained",
+            "causal_dip": mean_sd([base]),
+            "causal_commit": mean_sd([untrained["summary"]["causal"]["mean_commit_layer_frac"]]),
+            "change_vs_untrained": 0.0,
+        }
+    ]
+    for arm, arm_runs in _by_arm(runs).items():
+        dip = mean_sd([r["eval"]["summary"]["causal"]["mean_max_wrong_dip"] for r in arm_runs])
+        commit = mean_sd([r["eval"]["summary"]["causal"]["mean_commit_layer_frac"] for r in arm_runs])
+        change = (dip["mean"] - base) / abs(base) if base else math.nan
+        rows.append({"arm": arm, "causal_dip": dip, "causal_commit": commit, "change_vs_untrained": change})
+    return rows
+
+
+def per_seed_mcnemar(
+    runs: Sequence[dict[str, Any]], condition: str, reference: str = REFERENCE_ARM
+) -> dict[str, list[dict[str, Any]]]:
+    """Exact McNemar of every other arm vs ``reference`` under ``condition``, one test per seed.
+
+    ``b``: items only the arm gets right, ``c``: items only the reference gets right.
+    """
+    ref = {r["seed"]: r for r in runs if r["arm"] == reference}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        if run["arm"] == reference or run["seed"] not in ref:
+            continue
+        mine = run["eval"]["conditions"][condition]["correct"]
+        theirs = ref[run["seed"]]["eval"]["conditions"][condition]["correct"]
+        test = stats.mcnemar_exact(mine, theirs)
+        out.setdefault(run["arm"], []).append({"seed": run["seed"], **test})
+    return out
+
+
+def retention_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table 4: accuracy per condition for the untrained model and every arm, with per-seed McNemar vs output_only."""
+    rows = []
+    for condition, result in untrained["conditions"].items():
+        arms = {
+            arm: mean_sd([r["eval"]["conditions"][condition]["accuracy"] for r in arm_runs])
+            for arm, arm_runs in _by_arm(runs).items()
+        }
+        rows.append(
+            {
+                "condition": condition,
+                "untrained": result["accuracy"],
+                "arms": arms,
+                "mcnemar_vs_output_only": per_seed_mcnemar(runs, condition),
+            }
+        )
+    return rows
+
+
+def _saturation_step(history: Sequence[dict[str, float]], key: str) -> float | None:
+    return next((h["step"] for h in history if h.get(key, 0.0) >= SATURATION_ACCURACY), None)
+
+
+def forecast(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """§6.5: does the end-of-training dip (DipMonitor, last probe) forecast final retention across runs?
+
+    Per run: end-of-training probe accuracy and logit / causal dip, the first step at which probe accuracy
+    reached 0.95 (output saturation), and retention (:data:`RETENTION_CONDITION` accuracy on the evaluation
+    set). Across runs: Spearman ρ of end dip vs retention (negative = lower dip, better retention), and at the
+    last probe the spread across arms of the arm-mean accuracy and dip.
+    """
+    points = []
+    for run in runs:
+        history = run["monitor"]
+        last = history[-1] if history else {}
+        points.append(
+            {
+                "arm": run["arm"],
+                "seed": run["seed"],
+                "end_step": last.get("step"),
+                "end_accuracy": last.get("dip/logit/accuracy"),
+                "end_logit_dip": last.get("dip/logit/max_wrong_dip"),
+                "end_causal_dip": last.get("dip/causal/max_wrong_dip"),
+                "saturation_step": _saturation_step(history, "dip/logit/accuracy"),
+                "retention": run["eval"]["conditions"].get(RETENTION_CONDITION, {}).get("accuracy"),
+            }
+        )
+    usable = [p for p in points if p["retention"] is not None and p["end_logit_dip"] is not None]
+    retention = [p["retention"] for p in usable]
+    by_arm: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        by_arm.setdefault(p["arm"], []).append(p)
+    arm_means = {
+        arm: {
+            key: mean_sd([p[key] for p in ps])["mean"]
+            for key in ("end_accuracy", "end_logit_dip", "end_causal_dip", "retention")
+        }
+        for arm, ps in by_arm.items()
+    }
+
+    def spread(key: str) -> float:
+        values = [m[key] for m in arm_means.values() if m[key] is not None and not math.isnan(m[key])]
+        return float(max(values) - min(values)) if values else math.nan
+
+    return {
+        "retention_condition": RETENTION_CONDITION,
+        "saturation_accuracy": SATURATION_ACCURACY,
+        "runs": points,
+        "arm_means": arm_means,
+        "spearman_logit_dip_vs_retention": stats.spearman([p["end_logit_dip"] for p in usable], retention),
+        "spearman_causal_dip_vs_retention": stats.spearman([p["end_causal_dip"] for p in usable], retention),
+        "spearman_accuracy_vs_retention": stats.spearman([p["end_accuracy"] for p in usable], retention),
+        "end_accuracy_spread_across_arms": spread("end_accuracy"),
+        "end_dip_spread_across_arms": spread("end_logit_dip"),
+    }
