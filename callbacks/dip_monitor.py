@@ -20,9 +20,10 @@ from dipreg.callbacks.figures import history_figure, trajectory_figure
 from dipreg.callbacks.probe import (
     DipProbe,
     ModelGetter,
-    MonitorSetupError,
     ProbeResult,
+    ProbeSchedule,
     find_hf_model,
+    positive_int,
     resolve_pairs,
     resolve_tokenizer,
 )
@@ -50,6 +51,9 @@ class DipMonitor(Callback):
         window: relative-depth window of ``max_wrong_dip``.
         prompt: prompt style for the probe contexts (``"auto"``, ``"raw"``, ``"chat"``).
         log_figures: log figures and histograms where the logger supports them.
+        figures_every: log figures and histograms on every k-th probe only (scalars go out every probe).
+        causal_every: read the ``"causal"`` lens on every k-th probe only, the other lenses every probe. The
+            causal lens costs about as much as the forward pass the other lenses share.
         history_file: file name of the JSON history written next to the logs at the end of fit.
         lens_options: keyword options per lens (e.g. ``{"tuned": {"path": ...}}``).
 
@@ -73,20 +77,19 @@ class DipMonitor(Callback):
         window: tuple[float, float] = DEFAULT_WINDOW,
         prompt: str = "auto",
         log_figures: bool = True,
+        figures_every: int = 1,
+        causal_every: int = 1,
         history_file: str = "dip_history.json",
         lens_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise MonitorSetupError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
-        if batch_size < 1:
-            raise MonitorSetupError(f"batch_size must be >= 1, got {batch_size}.")
+        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.batch_size = positive_int("batch_size", batch_size)
+        self.schedule = ProbeSchedule(tuple(lenses), causal_every=causal_every, figures_every=figures_every)
         self.pairs_spec = pairs
-        self.every_n_steps = every_n_steps
         self.lenses = tuple(lenses)
         self.model_getter = model
         self.tokenizer = tokenizer
         self.probe_on_validation_end = on_validation_end
-        self.batch_size = batch_size
         self.window = window
         self.prompt = prompt
         self.log_figures = log_figures
@@ -150,13 +153,15 @@ class DipMonitor(Callback):
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.probe is not None, "setup() did not run"
         model = find_hf_model(pl_module, self.model_getter)
-        result = self.probe.run(model, self._tokenizer(pl_module), trainer.global_rank, trainer.world_size)
+        index = len(self.history)
+        lenses = self.schedule.lenses_for(index)
+        result = self.probe.run(model, self._tokenizer(pl_module), trainer.global_rank, trainer.world_size, lenses)
         step = trainer.global_step
         self.last_step = step
         self.history.append({"step": float(step), **result.scalars})
         for logger in trainer.loggers:
             logger.log_metrics(result.scalars, step=step)
-        if trainer.is_global_zero and self.log_figures:
+        if trainer.is_global_zero and self.log_figures and self.schedule.figures_for(index):
             self._log_figures(trainer, result, step)
 
     def _log_figures(self, trainer: pl.Trainer, result: ProbeResult, step: int) -> None:

@@ -28,8 +28,10 @@ def history_figure(history: Sequence[Mapping[str, float]], lenses: Sequence[str]
     ax_acc.set_xlabel("step")
     ax_acc.set_ylabel("held-out pair accuracy")
     ax_acc.set_title("(a) output view")
-    for lens in lenses:
-        ax_dip.plot(steps, [h.get(f"dip/{lens}/max_wrong_dip", float("nan")) for h in history], marker="o", label=lens)
+    for lens in lenses:  # a lens read on some probes only (causal_every) is drawn through the probes that read it
+        key = f"dip/{lens}/max_wrong_dip"
+        read = [h for h in history if key in h]
+        ax_dip.plot([h["step"] for h in read], [h[key] for h in read], marker="o", label=lens)
     ax_dip.set_xlabel("step")
     ax_dip.set_ylabel("mean max_wrong_dip")
     ax_dip.set_title("(b) internal view")

@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from dipreg.callbacks.figures import history_figure, trajectory_figure
-from dipreg.callbacks.probe import DipProbe, MonitorSetupError, resolve_pairs
+from dipreg.callbacks.probe import DipProbe, MonitorSetupError, ProbeSchedule, positive_int, resolve_pairs
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.stimuli import MinimalPair
 
@@ -33,6 +33,8 @@ class DipMonitorCallback(TrainerCallback):
         batch_size: contexts per probe forward.
         window: dip window.
         prompt: prompt style.
+        figures_every: log figures and histograms on every k-th probe only (scalars go out every probe).
+        causal_every: read the ``"causal"`` lens on every k-th probe only, the other lenses every probe.
         history_file: JSON history written into ``args.output_dir`` at the end of training.
         log_dir: TensorBoard folder (default: the Trainer's, see the module docstring).
 
@@ -52,13 +54,14 @@ class DipMonitorCallback(TrainerCallback):
         batch_size: int = 16,
         window: tuple[float, float] = DEFAULT_WINDOW,
         prompt: str = "auto",
+        figures_every: int = 1,
+        causal_every: int = 1,
         history_file: str = "dip_history.json",
         log_dir: str | None = None,
     ) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise MonitorSetupError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+        self.every_n_steps = positive_int("every_n_steps", every_n_steps)
+        self.schedule = ProbeSchedule(tuple(lenses), causal_every=causal_every, figures_every=figures_every)
         self.tokenizer = tokenizer
-        self.every_n_steps = every_n_steps
         self.probe = DipProbe(resolve_pairs(pairs), lenses, batch_size=batch_size, window=window, prompt=prompt)
         self.history_file = history_file
         self.log_dir = log_dir
@@ -96,17 +99,21 @@ class DipMonitorCallback(TrainerCallback):
 
     def _probe(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> None:
         model = kwargs["model"]
-        result = self.probe.run(model, self._tokenizer(kwargs), args.process_index, args.world_size)
+        index = len(self.history)
+        lenses = self.schedule.lenses_for(index)
+        result = self.probe.run(model, self._tokenizer(kwargs), args.process_index, args.world_size, lenses)
         step = state.global_step
         self.history.append({"step": float(step), **result.scalars})
-        if self.writer is not None:
-            for key, value in result.scalars.items():
-                self.writer.add_scalar(key, value, step)
+        if self.writer is None:
+            return
+        for key, value in result.scalars.items():
+            self.writer.add_scalar(key, value, step)
+        if self.schedule.figures_for(index):
             for lens, traj in result.local.items():
                 self.writer.add_histogram(f"dip/{lens}/max_wrong_dip_items", traj.max_wrong_dip, step)
             self.writer.add_figure("dip/trajectories", trajectory_figure(result.local), step, close=True)
             self.writer.add_figure("dip/history", history_figure(self.history, self.probe.lenses), step, close=True)
-            self.writer.flush()
+        self.writer.flush()
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

@@ -66,6 +66,51 @@ def resolve_pairs(pairs: str | Sequence[MinimalPair]) -> list[MinimalPair]:
     return loaded
 
 
+def positive_int(name: str, value: object) -> int:
+    """``value`` when it is a positive integer; a :class:`MonitorSetupError` naming ``name`` otherwise."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise MonitorSetupError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class ProbeSchedule:
+    """Which probes read the causal lens and which log figures, counted from the first probe of the run.
+
+    The causal lens costs about as much as the forward pass the other lenses share; figures cost a rendering.
+    Probe ``i`` (0-based, the history length, so the count survives a resume) reads the causal lens when
+    ``i % causal_every == 0`` and logs figures when ``i % figures_every == 0``; scalars are logged every probe.
+
+    Args:
+        lenses: the monitor's lenses.
+        causal_every: read the causal lens on every k-th probe only (needs another lens for the others).
+        figures_every: log figures and histograms on every k-th probe only.
+    """
+
+    lenses: tuple[str, ...]
+    causal_every: int = 1
+    figures_every: int = 1
+
+    def __post_init__(self) -> None:
+        positive_int("causal_every", self.causal_every)
+        positive_int("figures_every", self.figures_every)
+        if self.causal_every > 1 and set(self.lenses) <= {"causal"}:
+            raise MonitorSetupError(
+                f"causal_every={self.causal_every} leaves the probes in between with no lens: add another lens "
+                "(e.g. lenses=('logit', 'causal')) or set causal_every=1."
+            )
+
+    def lenses_for(self, index: int) -> tuple[str, ...]:
+        """The lenses probe ``index`` reads."""
+        if index % self.causal_every == 0:
+            return self.lenses
+        return tuple(lens for lens in self.lenses if lens != "causal")
+
+    def figures_for(self, index: int) -> bool:
+        """Whether probe ``index`` logs figures."""
+        return index % self.figures_every == 0
+
+
 @dataclass
 class ProbeResult:
     """One probe: reduced scalars (identical on every rank), and this rank's trajectories per lens."""
@@ -129,15 +174,27 @@ class DipProbe:
             metric.update(torch.zeros(1, dtype=torch.float64, device=device), weight=0.0)
 
     @torch.no_grad()
-    def run(self, model: nn.Module, tokenizer: Any, rank: int = 0, world_size: int = 1) -> ProbeResult:
-        """Measure this rank's shard under every lens, reduce, and return the scalars."""
+    def run(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        lenses: Sequence[str] | None = None,
+    ) -> ProbeResult:
+        """Measure this rank's shard under ``lenses`` (default: every lens of the probe), reduce, and return the
+        scalars of those lenses. Every rank must pass the same lenses."""
+        lenses = self.lenses if lenses is None else tuple(lenses)
+        unknown = [lens for lens in lenses if lens not in self.lenses]
+        if not lenses or unknown:
+            raise MonitorSetupError(f"Probe lenses must be a non-empty subset of {self.lenses}, got {lenses}.")
         shard = self.pairs[rank::world_size]
         device = next(model.parameters()).device
         local = trajectories_by_lens(
             model,
             tokenizer,
             shard,
-            self.lenses,
+            lenses,
             batch_size=self.batch_size,
             window=self.window,
             prompt=self.prompt,
@@ -157,7 +214,7 @@ class DipProbe:
                 late = (traj.commit_layer_frac[mask] >= LATE_BINDING_DEPTH).float()
                 self._update(base + "late_binding_rate", late, device)
         scalars = {}
-        for key in sorted(self._metrics):
+        for key in sorted(k for k in self._metrics if k.split("/")[1] in local):
             metric = self._metrics[key]
             scalars[key] = float(metric.compute())
             metric.reset()

@@ -10,10 +10,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+
+if TYPE_CHECKING:
+    from dipreg.kv_prefix import PrefixCache
 
 # model_type -> (backbone attribute on the *ForCausalLM, layers attribute, final-norm attribute)
 _ARCHITECTURES: dict[str, tuple[str, str, str]] = {
@@ -153,15 +157,35 @@ class ModelAdapter:
             for handle in handles:
                 handle.remove()
 
-    def residuals(self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor) -> Tensor:
+    def run_backbone(self, input_ids: Tensor, attention_mask: Tensor, prefix: PrefixCache | None = None) -> None:
+        """One backbone forward (no LM head) of right-padded ``input_ids``, continuing ``prefix`` when given."""
+        if prefix is None:
+            self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        else:
+            self.backbone(
+                input_ids=input_ids,
+                attention_mask=prefix.attention_mask(attention_mask),
+                past_key_values=prefix.expanded(input_ids.shape[0]),
+                use_cache=True,
+            )
+
+    def residuals(
+        self, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, prefix: PrefixCache | None = None
+    ) -> Tensor:
         """Run the backbone once (no LM head) and return the residual stream after every block.
+
+        Args:
+            input_ids: ``(B, T)`` token ids (right-padded).
+            attention_mask: ``(B, T)`` mask of ``input_ids``.
+            positions: ``(B,)`` or ``(B, K)`` indices into ``input_ids`` to keep.
+            prefix: a cached prefix every row continues (``input_ids`` then hold only what follows it).
 
         Returns:
             ``(L, B, D)`` (or ``(L, B, K, D)`` for ``(B, K)`` positions): the output of block ``ℓ`` at
             ``positions`` for each row.
         """
         with self.capture(positions) as slots:
-            self.backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            self.run_backbone(input_ids, attention_mask, prefix)
         missing = [i for i, s in enumerate(slots) if s is None]
         if missing:
             raise RuntimeError(f"Decoder layers {missing} did not run during the forward pass.")

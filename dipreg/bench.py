@@ -20,9 +20,10 @@ from torch import Tensor
 
 from dipreg.adapter import ModelAdapter
 from dipreg.artifacts import prepare_out_dir, write_json
+from dipreg.kv_prefix import PrefixCache
 from dipreg.models import load_model
 from dipreg.stimuli import MinimalPair, candidate_token_ids, load_pairs
-from dipreg.trajectory import ContextBatch, context_batches, trajectories
+from dipreg.trajectory import ContextBatch, context_batches, shared_prefix_batches, trajectories
 
 
 @dataclass
@@ -37,10 +38,15 @@ class BenchContext:
     naive_pairs: int = 32
     adapter: ModelAdapter = field(init=False)
     batches: list[ContextBatch] = field(init=False)
+    prefix_ids: list[int] = field(init=False)
+    suffix_batches: list[ContextBatch] = field(init=False)
 
     def __post_init__(self) -> None:
         self.adapter = ModelAdapter(self.model)
         self.batches = context_batches(self.tokenizer, self.pairs, self.batch_size, self.adapter)
+        self.prefix_ids, self.suffix_batches = shared_prefix_batches(
+            self.tokenizer, self.pairs, self.batch_size, self.adapter
+        )
 
     def subset(self, count: int) -> BenchContext:
         """The same settings on the first ``count`` pairs (for references too slow to run on all of them)."""
@@ -97,9 +103,11 @@ def naive_full_vocab_margins(ctx: BenchContext) -> Tensor:
 
 @torch.no_grad()
 def bare_forward(ctx: BenchContext) -> None:
-    """The reference forward: the backbone over the same batches, no hooks, no head."""
-    for batch in ctx.batches:
-        ctx.adapter.backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    """The reference forward: the backbone over the same batches as the lens, no hooks, no head. Like the lens it
+    runs the prefix every context shares once and the rest of each context after it."""
+    prefix = PrefixCache(ctx.adapter, ctx.prefix_ids) if ctx.prefix_ids else None
+    for batch in ctx.suffix_batches:
+        ctx.adapter.run_backbone(batch.input_ids, batch.attention_mask, prefix)
 
 
 def lens_section(ctx: BenchContext) -> list[Ratio]:

@@ -3,8 +3,11 @@
 For source layer ℓ, ``h_ℓ`` (the output of block ℓ at a context's answer position) overwrites the output of
 block ℓ at the LAST position of a neutral context; blocks ℓ+1..L run and the output margin (final norm, two
 unembedding rows, softcap) is read. The neutral prefix (every token but the last) is the same for every item:
-its KV cache is computed once per lens object, then one forward of the single last token, batched over
-(item, source layer) rows, does all the work. This module measures; it never changes the model's weights.
+its KV cache is computed once per lens object, then forwards of the single last token, batched over
+(item, source layer) rows, do all the work. Blocks before a row's source layer would only compute what the
+patch overwrites, so each forward serves a band of adjacent source layers and skips every block before the band
+(their ``forward`` is bypassed for that call; the stored prefix cache already holds their keys and values).
+This module measures; it never changes the model's weights.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import DynamicCache
 
 from dipreg.adapter import ModelAdapter, output_tensor
+from dipreg.kv_prefix import PrefixCache
 
 #: Patchscopes' few-shot identity prompt; the patch goes into its final "?".
 DEFAULT_NEUTRAL_PROMPT = "king king\n1135 1135\nhello hello\n?"
@@ -70,6 +73,31 @@ def _patch_blocks(adapter: ModelAdapter, source: Tensor, patch: Tensor) -> Itera
             handle.remove()
 
 
+@contextlib.contextmanager
+def _skip_blocks(adapter: ModelAdapter, count: int, tuple_output: bool) -> Iterator[None]:
+    """Blocks ``0..count-1`` pass their input through unchanged for the duration (their hooks still fire).
+
+    Only for rows whose source block is ``count - 1`` or later: the patch overwrites whatever these blocks give.
+    A ``forward`` set on the instance (accelerate's offload hooks do that) is put back on exit.
+    """
+
+    def passthrough(hidden_states: Tensor, *_args: Any, **_kwargs: Any) -> Tensor | tuple[Tensor]:
+        return (hidden_states,) if tuple_output else hidden_states
+
+    blocks = list(adapter.layers)[:count]
+    saved = [block.__dict__.get("forward") for block in blocks]
+    try:
+        for block in blocks:
+            block.forward = passthrough
+        yield
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
 class CausalLens:
     """Patchscope margins: ``h_ℓ`` transplanted into a neutral context at layer ℓ, output margin read.
 
@@ -77,7 +105,10 @@ class CausalLens:
         adapter: the model adapter (the prefix cache is computed from its current weights, once).
         tokenizer: the model's tokenizer.
         neutral_prompt: the neutral decoding context; the patch goes into its last token.
-        max_batch_rows: (item, source layer) rows per forward of the patched position.
+        max_batch_rows: at most this many (item, source layer) rows per forward of the patched position.
+        min_band_rows: group adjacent source layers into one forward until it holds at least this many rows
+            (wide matrix products are faster on CPU; rows of a band run from the band's first layer, so a
+            wider band skips fewer blocks). ``1``: one forward per source layer, no block run in vain.
 
     Example:
         >>> traj = dipreg.trajectories(model, tok, pairs, lens="causal")  # doctest: +SKIP
@@ -96,36 +127,39 @@ class CausalLens:
         *,
         neutral_prompt: str = DEFAULT_NEUTRAL_PROMPT,
         max_batch_rows: int = 512,
+        min_band_rows: int = 64,
     ) -> None:
-        if max_batch_rows < 1:
-            raise ValueError(f"max_batch_rows must be >= 1, got {max_batch_rows}.")
+        if max_batch_rows < 1 or min_band_rows < 1:
+            raise ValueError(
+                f"max_batch_rows and min_band_rows must be >= 1, got {max_batch_rows} and {min_band_rows}."
+            )
         self.adapter = adapter
         self.neutral_prompt = neutral_prompt
         self.max_batch_rows = max_batch_rows
+        self.min_band_rows = min_band_rows
         self.neutral_ids = neutral_token_ids(tokenizer, neutral_prompt)
-        self._prefix_cache = self._compute_prefix_cache()
+        self._prefix = PrefixCache(adapter, self.neutral_ids[:-1])
+        self._tuple_output = self._blocks_return_tuples()
 
     @torch.no_grad()
-    def _compute_prefix_cache(self) -> list[tuple[Tensor | None, ...]]:
+    def _blocks_return_tuples(self) -> bool:
+        # Decoder blocks return a tensor or a tuple depending on the architecture and the transformers version.
+        seen: list[bool] = []
+        handle = self.adapter.layers[0].register_forward_hook(lambda _m, _i, out: seen.append(isinstance(out, tuple)))
         model = self.adapter.causal_lm
         was_training = model.training
         model.eval()
         try:
-            prefix = torch.tensor([self.neutral_ids[:-1]], device=self.adapter.device)
-            out = self.adapter.backbone(
-                input_ids=prefix, past_key_values=DynamicCache(config=model.config), use_cache=True
-            )
+            last = torch.tensor([self.neutral_ids[-1:]], device=self.adapter.device)
+            self.adapter.backbone(input_ids=last, past_key_values=self._prefix.expanded(1), use_cache=True)
         finally:
+            handle.remove()
             model.train(was_training)
-        return [tuple(entry) for entry in out.past_key_values]
+        return seen[0]
 
-    def _cache_for(self, batch: int) -> DynamicCache:
-        """A fresh cache holding the prefix, expanded (not copied) to ``batch`` rows; the stored one never changes."""
-        data = [
-            (keys.expand(batch, *keys.shape[1:]), values.expand(batch, *values.shape[1:]), *rest)
-            for keys, values, *rest in self._prefix_cache
-        ]
-        return DynamicCache(ddp_cache_data=data, config=self.adapter.causal_lm.config)
+    def _band(self, n: int) -> int:
+        """Source layers per forward for ``n`` items."""
+        return max(1, min(self.adapter.num_layers, -(-self.min_band_rows // n)))
 
     @torch.no_grad()
     def margins(self, adapter: ModelAdapter, residuals: Tensor, pos_ids: Tensor, neg_ids: Tensor) -> Tensor:
@@ -135,20 +169,27 @@ class CausalLens:
         num_layers, n, dim = residuals.shape
         if num_layers != adapter.num_layers:
             raise ValueError(f"Expected residuals of {adapter.num_layers} layers, got {num_layers}.")
-        flat = residuals.reshape(num_layers * n, dim)
+        flat = residuals.reshape(num_layers * n, dim)  # row r: source layer r // n, item r % n
         source = torch.arange(num_layers, device=flat.device).repeat_interleave(n)
         item = torch.arange(n, device=flat.device).repeat(num_layers)
         last_token = torch.tensor([[self.neutral_ids[-1]]], device=adapter.device)
         out = torch.empty(num_layers * n, dtype=torch.float32, device=flat.device)
-        for start in range(0, flat.shape[0], self.max_batch_rows):
-            rows = slice(start, start + self.max_batch_rows)
-            batch = flat[rows].shape[0]
-            with _patch_blocks(adapter, source[rows], flat[rows]) as final:
-                adapter.backbone(
-                    input_ids=last_token.expand(batch, 1), past_key_values=self._cache_for(batch), use_cache=True
-                )
-            margin = adapter.margin(final[0], pos_ids[item[rows]], neg_ids[item[rows]])
-            out[rows] = margin.float()
+        band = self._band(n)
+        for first in range(0, num_layers, band):
+            band_end = min(first + band, num_layers) * n
+            for start in range(first * n, band_end, self.max_batch_rows):
+                rows = slice(start, min(start + self.max_batch_rows, band_end))
+                batch = rows.stop - rows.start
+                with (
+                    _skip_blocks(adapter, first + 1, self._tuple_output),
+                    _patch_blocks(adapter, source[rows], flat[rows]) as final,
+                ):
+                    adapter.backbone(
+                        input_ids=last_token.expand(batch, 1),
+                        past_key_values=self._prefix.expanded(batch),
+                        use_cache=True,
+                    )
+                out[rows] = adapter.margin(final[0], pos_ids[item[rows]], neg_ids[item[rows]]).float()
         return out.reshape(num_layers, n)
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dipreg import metrics
 from dipreg.adapter import ModelAdapter
+from dipreg.kv_prefix import PrefixCache
 from dipreg.lenses import Lens, resolve_lens
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import MinimalPair, StimulusError, candidate_token_ids
@@ -162,6 +163,32 @@ class ContextBatch:
     last: Tensor
 
 
+def shared_prefix_length(encoded: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every context starts with, leaving each context at least its last token."""
+    limit = min(len(ids) for ids in encoded) - 1
+    length = 0
+    while length < limit and len({ids[length] for ids in encoded}) == 1:
+        length += 1
+    return length
+
+
+def _batches(
+    encoded: list[list[int]], batch_size: int, pad_id: int, device: torch.device, skip: int = 0
+) -> list[ContextBatch]:
+    # Sort by length (less padding), drop the first ``skip`` tokens of every context, right-pad each batch.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        input_ids, mask, last = pad_right([encoded[i][skip:] for i in rows], pad_id, device)
+        batches.append(ContextBatch(torch.tensor(rows), input_ids, mask, last))
+    return batches
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def context_batches(
     tokenizer: Any,
     pairs: Sequence[MinimalPair],
@@ -172,14 +199,21 @@ def context_batches(
     """Tokenize ``ctx_a, ctx_b`` of every pair (interleaved: row ``2i`` is pair i's a, ``2i+1`` its b), sort
     by length (less padding) and cut into right-padded batches on the model's device."""
     encoded = tokenize_contexts(tokenizer, pairs, _max_positions(adapter.causal_lm), prompt)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = []
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        input_ids, mask, last = pad_right([encoded[i] for i in rows], pad_id, adapter.device)
-        batches.append(ContextBatch(torch.tensor(rows), input_ids, mask, last))
-    return batches
+    return _batches(encoded, batch_size, _pad_id(tokenizer), adapter.device)
+
+
+def shared_prefix_batches(
+    tokenizer: Any,
+    pairs: Sequence[MinimalPair],
+    batch_size: int,
+    adapter: ModelAdapter,
+    prompt: PromptFormat = DEFAULT_PROMPT,
+) -> tuple[list[int], list[ContextBatch]]:
+    """:func:`context_batches` with the token prefix common to every context split off: returns that prefix
+    (empty when there is none) and batches of what follows it (``last`` indexes into the suffix)."""
+    encoded = tokenize_contexts(tokenizer, pairs, _max_positions(adapter.causal_lm), prompt)
+    skip = shared_prefix_length(encoded)
+    return encoded[0][:skip], _batches(encoded, batch_size, _pad_id(tokenizer), adapter.device, skip)
 
 
 @torch.no_grad()
@@ -193,25 +227,33 @@ def context_margins(
     progress: bool = False,
     adapter: ModelAdapter | None = None,
     prompt: PromptFormat = DEFAULT_PROMPT,
+    share_prefix: bool = True,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-layer margins of ``ctx_a`` and ``ctx_b`` for every pair, ``(N, L)`` each, in input order, per lens.
 
     One forward per batch captures the residuals, and every lens reads the same residuals (no forward per
     lens). Contexts are right-padded and read at their own last token, so a batched run equals one-at-a-time
-    runs.
+    runs. With ``share_prefix`` the token prefix common to every context (a chat template's system and user
+    header) runs once into a key/value cache that every batch continues; the margins are the same up to
+    floating-point rounding.
     """
     adapter = adapter or ModelAdapter(model)
     pos, neg = candidate_token_ids(pairs, tokenizer)
     pos_ids = torch.tensor(pos).repeat_interleave(2).to(adapter.device)
     neg_ids = torch.tensor(neg).repeat_interleave(2).to(adapter.device)
-    batches = context_batches(tokenizer, pairs, batch_size, adapter, prompt)
+    prefix_ids, batches = (
+        shared_prefix_batches(tokenizer, pairs, batch_size, adapter, prompt)
+        if share_prefix
+        else ([], context_batches(tokenizer, pairs, batch_size, adapter, prompt))
+    )
     out = {lens.name: torch.empty(2 * len(pairs), adapter.num_layers) for lens in lenses}
     description = "+".join(out) + " lens"
     was_training = adapter.model.training
     adapter.model.eval()
     try:
+        prefix = PrefixCache(adapter, prefix_ids) if prefix_ids else None
         for batch in track(batches, description=description, disable=not progress, transient=True):
-            residuals = adapter.residuals(batch.input_ids, batch.attention_mask, batch.last)
+            residuals = adapter.residuals(batch.input_ids, batch.attention_mask, batch.last, prefix)
             rows = batch.rows.to(adapter.device)
             for lens in lenses:
                 margins = lens.margins(adapter, residuals, pos_ids[rows], neg_ids[rows])
@@ -232,10 +274,12 @@ def trajectories_by_lens(
     prompt: PromptFormat | str = DEFAULT_PROMPT,
     progress: bool = False,
     lens_options: dict[str, dict[str, Any]] | None = None,
+    share_prefix: bool = True,
 ) -> dict[str, Trajectories]:
     """:func:`trajectories` under several lenses from ONE forward pass per batch, keyed by lens name.
 
-    ``lens_options[name]`` is passed to the factory of lens ``name``.
+    ``lens_options[name]`` is passed to the factory of lens ``name``; ``share_prefix`` runs the prefix common
+    to every context once (see :func:`context_margins`).
     """
     pairs = list(pairs)
     if not pairs:
@@ -253,7 +297,15 @@ def trajectories_by_lens(
         for lens in lenses
     ]
     margins = context_margins(
-        model, tokenizer, pairs, built, batch_size=batch_size, progress=progress, adapter=adapter, prompt=prompt
+        model,
+        tokenizer,
+        pairs,
+        built,
+        batch_size=batch_size,
+        progress=progress,
+        adapter=adapter,
+        prompt=prompt,
+        share_prefix=share_prefix,
     )
     return {
         name: Trajectories(pairs=pairs, lens=name, margin_a=a, margin_b=b, window=window)

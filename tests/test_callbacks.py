@@ -115,9 +115,28 @@ def test_pairs_the_tokenizer_cannot_audit_fail_at_setup(tmp_path, tiny_tokenizer
         trainer(tmp_path, 2, [DipMonitor([bad], lenses=("logit",))]).fit(module, token_batches())
 
 
+def test_causal_every_and_figures_every_thin_out_the_expensive_parts(tmp_path, tiny_tokenizer, tiny_pairs):
+    monitor = DipMonitor(tiny_pairs, every_n_steps=1, lenses=("logit", "causal"), causal_every=2, figures_every=3)
+    trainer(tmp_path, 4, [monitor], enable_checkpointing=False).fit(UserLoRAModule(tiny_tokenizer), token_batches())
+    events = read_events(tmp_path / "tb" / "version_0")
+    assert [e.step for e in events.Scalars("dip/logit/max_wrong_dip")] == [0, 1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("dip/causal/max_wrong_dip")] == [0, 2, 4]
+    assert [e.step for e in events.Images("dip/trajectories")] == [0, 3]
+    assert [e.step for e in events.Histograms("dip/logit/max_wrong_dip_items")] == [0, 3]
+    assert [("dip/causal/accuracy" in h) for h in monitor.history] == [True, False, True, False, True]
+
+
 def test_bad_monitor_arguments_are_rejected_at_construction():
+    from dipreg.callbacks.hf import DipMonitorCallback
+
     with pytest.raises(MonitorSetupError, match="every_n_steps"):
         DipMonitor("core", every_n_steps=0)
+    with pytest.raises(MonitorSetupError, match="figures_every"):
+        DipMonitor("core", figures_every=0)
+    with pytest.raises(MonitorSetupError, match="add another lens"):
+        DipMonitor("core", lenses=("causal",), causal_every=2)
+    with pytest.raises(MonitorSetupError, match="causal_every"):
+        DipMonitorCallback("core", causal_every=0)
     with pytest.raises(MonitorSetupError, match="'checkpoint' or 'validation_end'"):
         CompressionRetention("core", on="epoch")  # type: ignore[arg-type]
 

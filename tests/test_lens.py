@@ -1,5 +1,7 @@
 """The model adapter and the logit lens: exact last-layer margins on every architecture, batching invariance."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -7,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 import dipreg
 from dipreg.adapter import ModelAdapter, UnsupportedModelError
 from dipreg.stimuli import MinimalPair, StimulusError
+from dipreg.trajectory import context_batches, shared_prefix_batches, shared_prefix_length
 
 
 def output_margins(model, tokenizer, pairs):
@@ -155,10 +158,47 @@ def test_several_lenses_share_one_forward_and_equal_single_lens_runs(
 ):
     calls = []
     capture = ModelAdapter.residuals
-    monkeypatch.setattr(ModelAdapter, "residuals", lambda self, *a: calls.append(1) or capture(self, *a))
+    monkeypatch.setattr(ModelAdapter, "residuals", lambda self, *a, **k: calls.append(1) or capture(self, *a, **k))
     both = dipreg.trajectories_by_lens(llama_tiny, tiny_tokenizer, tiny_pairs, ["logit", "causal"], batch_size=8)
     assert len(calls) == 1  # 8 contexts in one batch: one residual capture serves both lenses
     monkeypatch.setattr(ModelAdapter, "residuals", capture)
     for name in ("logit", "causal"):
         single = dipreg.trajectories(llama_tiny, tiny_tokenizer, tiny_pairs, lens=name, batch_size=8)
         torch.testing.assert_close(both[name].did, single.did)
+
+
+PREAMBLE = "Question : Alice and Bob . "  # six tokens every context starts with, like a chat template's header
+
+
+def test_shared_prefix_runs_once_and_reads_the_same_margins(tiny_model, tiny_tokenizer, tiny_pairs):
+    pairs = [replace(p, ctx_a=PREAMBLE + p.ctx_a, ctx_b=PREAMBLE + p.ctx_b) for p in tiny_pairs]
+    adapter = ModelAdapter(tiny_model)
+    prefix, batches = shared_prefix_batches(tiny_tokenizer, pairs, 3, adapter)
+    assert len(prefix) == 6
+    full = context_batches(tiny_tokenizer, pairs, 3, adapter)
+    assert [b.input_ids.shape[1] + 6 for b in batches] == [b.input_ids.shape[1] for b in full]
+    shared = dipreg.trajectories_by_lens(tiny_model, tiny_tokenizer, pairs, ["logit", "causal"], batch_size=3)
+    plain = dipreg.trajectories_by_lens(
+        tiny_model, tiny_tokenizer, pairs, ["logit", "causal"], batch_size=3, share_prefix=False
+    )
+    for name in ("logit", "causal"):
+        torch.testing.assert_close(shared[name].margin_a, plain[name].margin_a, atol=1e-5, rtol=0)
+        torch.testing.assert_close(shared[name].margin_b, plain[name].margin_b, atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_leaves_every_context_its_last_token():
+    assert shared_prefix_length([[5, 6, 7], [5, 6, 7]]) == 2
+    assert shared_prefix_length([[5, 6, 7], [5, 6]]) == 1
+    assert shared_prefix_length([[5, 6], [4, 6]]) == 0
+
+
+@pytest.mark.integration
+def test_shared_chat_prefix_reads_the_same_margins_on_the_default_model(default_model):
+    model, tokenizer = default_model
+    pairs = dipreg.stimuli.load_pairs("core")[:3]
+    prefix, _ = shared_prefix_batches(tokenizer, pairs, 6, ModelAdapter(model))
+    assert len(prefix) > 10  # the chat template's system and user header
+    shared = dipreg.trajectories(model, tokenizer, pairs)
+    plain = dipreg.trajectories_by_lens(model, tokenizer, pairs, ["logit"], share_prefix=False)["logit"]
+    torch.testing.assert_close(shared.margin_a, plain.margin_a, atol=1e-3, rtol=0)
+    torch.testing.assert_close(shared.margin_b, plain.margin_b, atol=1e-3, rtol=0)

@@ -24,9 +24,13 @@ def answer_residuals(model, tokenizer, pairs):
     return adapter, residuals, torch.tensor(pos).repeat_interleave(2), torch.tensor(neg).repeat_interleave(2)
 
 
-def test_fast_causal_equals_naive_transplant_on_every_architecture(tiny_model, tiny_tokenizer, tiny_pairs):
+@pytest.mark.parametrize("min_band_rows", [1, 20, 512], ids=["band-of-1-layer", "band-of-3-layers", "one-band"])
+def test_fast_causal_equals_naive_transplant_on_every_architecture(
+    tiny_model, tiny_tokenizer, tiny_pairs, min_band_rows
+):
     adapter, residuals, pos, neg = answer_residuals(tiny_model, tiny_tokenizer, tiny_pairs)
-    lens = CausalLens(adapter, tiny_tokenizer, max_batch_rows=7)  # chunks that cut across layers and items
+    # chunks of 7 rows cut across layers and items; bands of source layers skip the blocks before them
+    lens = CausalLens(adapter, tiny_tokenizer, max_batch_rows=7, min_band_rows=min_band_rows)
     fast = lens.margins(adapter, residuals, pos, neg)
     naive = naive_causal_margins(adapter, lens.neutral_ids, residuals, pos, neg)
     assert fast.shape == (8, 2 * len(tiny_pairs))
@@ -54,16 +58,26 @@ def test_trajectories_causal_lens_reads_the_answer_residuals(llama_tiny, tiny_to
 def test_model_and_prefix_cache_are_unchanged_by_repeated_calls(llama_tiny, tiny_tokenizer, tiny_pairs):
     before = {k: v.clone() for k, v in llama_tiny.state_dict().items()}
     adapter, residuals, pos, neg = answer_residuals(llama_tiny, tiny_tokenizer, tiny_pairs)
-    lens = CausalLens(adapter, tiny_tokenizer, max_batch_rows=5)
-    cache = [(k.clone(), v.clone()) for k, v, *_ in lens._prefix_cache]
+    lens = CausalLens(adapter, tiny_tokenizer, max_batch_rows=5, min_band_rows=1)
+    cache = [(k.clone(), v.clone()) for k, v, *_ in lens._prefix.layers()]
     first = lens.margins(adapter, residuals, pos, neg)
     second = lens.margins(adapter, residuals, pos, neg)
     torch.testing.assert_close(first, second, atol=0, rtol=0)
-    for (k, v), (k2, v2, *_) in zip(cache, lens._prefix_cache, strict=True):
+    for (k, v), (k2, v2, *_) in zip(cache, lens._prefix.layers(), strict=True):
         assert torch.equal(k, k2) and torch.equal(v, v2)
     after = llama_tiny.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(layer._forward_hooks for layer in adapter.layers), "hooks must be removed"
+    assert not any("forward" in layer.__dict__ for layer in adapter.layers), "skipped blocks must be restored"
+
+
+def test_skipped_blocks_get_back_a_forward_set_on_the_instance(llama_tiny, tiny_tokenizer, tiny_pairs):
+    adapter, residuals, pos, neg = answer_residuals(llama_tiny, tiny_tokenizer, tiny_pairs)
+    block = adapter.layers[0]
+    own_forward = block.forward  # what an offloading hook (accelerate) would have installed
+    block.forward = own_forward
+    CausalLens(adapter, tiny_tokenizer, min_band_rows=1).margins(adapter, residuals, pos, neg)
+    assert block.__dict__["forward"] is own_forward
 
 
 def test_neutral_prompt_is_a_parameter(llama_tiny, tiny_tokenizer, tiny_pairs):
@@ -86,11 +100,11 @@ def test_fast_causal_equals_naive_transplant_on_the_default_model(default_model)
     core = load_pairs("core")
     sample = [next(p for p in core if p.family == family) for family in ("negation", "value_flip")]
     adapter, residuals, pos, neg = answer_residuals(model, tokenizer, sample)
-    lens = CausalLens(adapter, tokenizer)
-    fast = lens.margins(adapter, residuals, pos, neg)
-    naive = naive_causal_margins(adapter, lens.neutral_ids, residuals, pos, neg)
-    assert fast.shape == (30, 4)
-    torch.testing.assert_close(fast, naive, atol=1e-4, rtol=0)
+    naive = naive_causal_margins(adapter, CausalLens(adapter, tokenizer).neutral_ids, residuals, pos, neg)
+    for min_band_rows in (1, 12, 512):  # one forward per source layer, bands of 3 layers, one band
+        fast = CausalLens(adapter, tokenizer, min_band_rows=min_band_rows).margins(adapter, residuals, pos, neg)
+        assert fast.shape == (30, 4)
+        torch.testing.assert_close(fast, naive, atol=1e-4, rtol=0)
     torch.testing.assert_close(fast[-1], adapter.margin(residuals[-1], pos, neg), atol=1e-4, rtol=0)
 
 
