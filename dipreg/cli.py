@@ -37,14 +37,14 @@ def add_common(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--out", default=default_out, help=f"output folder (default: {default_out})")
 
 
-def add_prompt(parser: argparse.ArgumentParser) -> None:
-    """--prompt: how contexts are shown to the model."""
+def add_prompt(parser: argparse.ArgumentParser, default: str = "auto", why: str = "") -> None:
+    """--prompt: how contexts are shown to the model (``why`` explains a non-``auto`` default)."""
     parser.add_argument(
         "--prompt",
         choices=PROMPT_STYLES,
-        default="auto",
+        default=default,
         help="auto: the chat template when the tokenizer has one (question as user turn, 'Answer:' opening the "
-        "assistant turn), else raw text (default: auto)",
+        f"assistant turn), else raw text (default: {default}{why})",
     )
 
 
@@ -287,12 +287,7 @@ def _ladder_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", default="core", help="core | role_binding | FILE.jsonl (default: core)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument(
-        "--prompt",
-        choices=PROMPT_STYLES,
-        default="raw",
-        help="raw (default: base models have no chat template, and both models must see the same text) | chat | auto",
-    )
+    add_prompt(p, "raw", "; base models have no chat template and both models must see the same text")
     p.add_argument("--no-w3", action="store_true", help="skip the instruct models' RTN-w3 accuracy (point size)")
 
 
