@@ -31,7 +31,6 @@ __all__ = [
 Context = Literal["a", "b"]
 #: How the options are laid out in the prompt: ``list`` (default) or ``schema`` (the format-schema intervention).
 LAYOUTS: tuple[str, ...] = ("list", "schema")
-LABELS: tuple[str, str] = ("A", "B")
 
 
 @dataclass(frozen=True)
