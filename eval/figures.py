@@ -43,7 +43,8 @@ def tertile_flip_figure(results: Mapping[str, Mapping[str, Any]], predictor: str
 
 
 def _flip_panel(ax: Any, conditions: Mapping[str, Mapping[str, Any]], readouts: list[str], title: str) -> None:
-    """Grouped bars: flip rate of each readout per condition, each bar annotated with the semantic-dip MW p."""
+    """Grouped bars: flip rate of each readout per condition, each bar annotated with flips / items at risk and the
+    semantic-dip MW p."""
     labels = list(conditions)
     x = np.arange(len(labels))
     width = 0.8 / max(1, len(readouts))
@@ -53,11 +54,12 @@ def _flip_panel(ax: Any, conditions: Mapping[str, Mapping[str, Any]], readouts: 
         pos = x - 0.4 + width * (j + 0.5)
         ax.bar(pos, heights, width, label=name)
         for xi, c, h in zip(pos, labels, heights, strict=True):
-            p = conditions[c]["readouts"][name]["stratification"]["semantic_dip"]["mw_p"]
-            if p is not None and np.isfinite(p):
-                ax.annotate(f"{p:.2g}", (xi, h), ha="center", va="bottom", fontsize=6, rotation=90)
+            res = conditions[c]["readouts"][name]
+            p = res["stratification"]["semantic_dip"]["mw_p"]
+            text = f"{res['n_flips']}/{res['n_at_risk']}" + (f" p={p:.2g}" if p is not None and np.isfinite(p) else "")
+            ax.annotate(text, (xi, h), ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_xticks(x, labels, rotation=15, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.15)
+    ax.set_ylim(0, 1.3)
     ax.set_ylabel("flip rate (correct clean → wrong)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
@@ -66,7 +68,8 @@ def _flip_panel(ax: Any, conditions: Mapping[str, Mapping[str, Any]], readouts: 
 def bridge_figure(payload: Mapping[str, Any]) -> Figure:
     """The paper's Figure 7 for one ``dipreg bridge`` run: (a) clean pair and strict accuracy per readout,
     (b) flip rate per readout under each structural operator, (c) under each prompt intervention (the contrast
-    class); bars in (b, c) are annotated with the Mann–Whitney p of the intact semantic dip (flips vs survivors)."""
+    class); bars in (b, c) are annotated with flips / items at risk and the Mann–Whitney p of the intact semantic
+    dip (flips vs survivors)."""
     readouts = list(payload["clean"])
     panels = [
         (title, conditions)
@@ -90,6 +93,6 @@ def bridge_figure(payload: Mapping[str, Any]) -> Figure:
     ax.legend(fontsize=7)
     for ax, letter, (title, conditions) in zip(axes[0][1:], "bc", panels, strict=False):
         _flip_panel(ax, conditions, readouts, f"({letter}) {title}")
-    fig.suptitle("Bridge ladder: flips per readout (numbers: semantic-dip Mann–Whitney p)", fontsize=10)
+    fig.suptitle("Bridge ladder: flips per readout (flips/at risk, semantic-dip Mann–Whitney p)", fontsize=10)
     fig.tight_layout()
     return fig
