@@ -7,6 +7,7 @@ Public surface (DESIGN.md): :func:`load_model`, :func:`trajectories`, :mod:`dipr
 from dipreg.adapter import ModelAdapter, UnsupportedModelError
 from dipreg.lenses import LENSES, Lens, LogitLens
 from dipreg.models import ModelLoadError, load_model
+from dipreg.semantic import semantic_trajectories
 from dipreg.trajectory import Trajectories, trajectories, trajectories_by_lens
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "Trajectories",
     "UnsupportedModelError",
     "load_model",
+    "semantic_trajectories",
     "trajectories",
     "trajectories_by_lens",
 ]

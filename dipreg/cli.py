@@ -213,6 +213,75 @@ def _degrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit_arg(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--limit must be >= 0 (0 = all vignettes), got {value}")
+    return value
+
+
+def _bridge_args(p: argparse.ArgumentParser) -> None:
+    from dipreg.eval.bridge_report import DEFAULT_BRIDGE_OPS, DEFAULT_LIMIT
+    from dipreg.eval.interventions import DEFAULT_INTERVENTIONS
+    from dipreg.eval.readouts import DEFAULT_READOUTS, READOUT_NAMES
+
+    add_common(p, "runs/bridge")
+    p.add_argument("--pairs", default="vignettes", help="vignettes | value_flip | role_binding (default: vignettes)")
+    p.add_argument(
+        "--readouts",
+        type=csv_list,
+        default=list(DEFAULT_READOUTS),
+        help=f"comma-separated, from {', '.join(READOUT_NAMES)} (default: {','.join(DEFAULT_READOUTS)})",
+    )
+    p.add_argument(
+        "--ops", default=DEFAULT_BRIDGE_OPS, help=f"degradations, as for dipreg degrade (default: {DEFAULT_BRIDGE_OPS})"
+    )
+    p.add_argument(
+        "--interventions",
+        type=csv_list,
+        default=list(DEFAULT_INTERVENTIONS),
+        help=f"prompt interventions (default: {','.join(DEFAULT_INTERVENTIONS)})",
+    )
+    p.add_argument(
+        "--limit",
+        type=_limit_arg,
+        default=DEFAULT_LIMIT,
+        help=f"a balanced subset of N vignettes; 0 = all (default: {DEFAULT_LIMIT})",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=16, help="length of free answers (default: 16)")
+    p.add_argument("--extractive-tokens", type=int, default=6, help="length of extractive answers (default: 6)")
+    p.add_argument(
+        "--judge",
+        default=None,
+        help="judge model (HF name or path; 'default' = the embedded model); adds the judge readout",
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--window", type=window_arg, default=DEFAULT_WINDOW, help="dip window LO,HI (default 0.25,0.90)")
+    add_prompt(p)
+
+
+@command("bridge", "readouts on natural vignettes: clean, degraded and under prompt interventions", _bridge_args)
+def _bridge(args: argparse.Namespace) -> int:
+    from dipreg.eval.bridge_report import run_bridge
+
+    run_bridge(
+        args.model,
+        args.pairs,
+        args.readouts,
+        args.ops,
+        args.interventions,
+        args.out,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        window=args.window,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        extractive_tokens=args.extractive_tokens,
+        judge=args.judge,
+    )
+    return 0
+
+
 def _fit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "lightning_args",

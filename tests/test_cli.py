@@ -58,5 +58,5 @@ def test_every_documented_command_is_registered():
     from dipreg.cli import build_parser
 
     choices = build_parser()._subparsers._group_actions[0].choices  # the sub-command action
-    documented = {"audit", "bench", "degrade", "fit"}
+    documented = {"audit", "bench", "bridge", "degrade", "fit"}
     assert documented <= set(choices)
