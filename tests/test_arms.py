@@ -77,6 +77,10 @@ def test_quick_arms_run_reports_every_arm_from_arms_json_and_resumes(tmp_path, c
         for arm in ("late_only", "dip_reg_l0.2"):
             tests = row["mcnemar_vs_output_only"][arm]
             assert [t["seed"] for t in tests] == [0, 1]
+            # Table 4b: one line per condition x arm, one cell per seed with that seed's discordant counts.
+            [line] = [ln for ln in report.splitlines() if ln.startswith(f"| {row['condition']} | {arm} |")]
+            cells = [c.strip() for c in line.strip("|").split("|")][2:]
+            assert [c.split(" ")[1] for c in cells] == [f"({t['b']}:{t['c']})" for t in tests]
     assert len(tables["forecast"]["runs"]) == 6
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "Table 4" in html
