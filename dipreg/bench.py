@@ -55,12 +55,12 @@ class BenchContext:
 
 @dataclass(frozen=True)
 class Ratio:
-    """A reported ratio with its target (``<=`` or ``>=`` a bound)."""
+    """A reported ratio with its target (``<=`` or ``>=`` a bound); ``met`` is None for a ratio without one."""
 
     name: str
     value: float
     target: str
-    met: bool
+    met: bool | None
     detail: str
 
 
@@ -197,7 +197,7 @@ def run_bench(
     for column in ("ratio", "value", "target", "met", "measured"):
         table.add_column(column)
     for r in ratios:
-        table.add_row(r.name, f"{r.value:.3f}", r.target, "yes" if r.met else "NO", r.detail)
+        table.add_row(r.name, f"{r.value:.3f}", r.target, "—" if r.met is None else "yes" if r.met else "NO", r.detail)
     console.print(table)
     payload: dict[str, Any] = {r.name: r.value for r in ratios}
     payload["details"] = {r.name: {"target": r.target, "met": r.met, "measured": r.detail} for r in ratios}
