@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from dipreg.callbacks.probe import ModelGetter, MonitorSetupError, find_hf_model, resolve_pairs, resolve_tokenizer
 from dipreg.eval.degrade_report import operator_result
-from dipreg.eval.ledger import state_checksum
+from dipreg.eval.ledger import check_restored, state_checksum
 from dipreg.eval.operators import degrade, get_operator, op_label, parse_ops
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.stimuli import MinimalPair, audit_single_token
@@ -111,8 +111,7 @@ class CompressionRetention(Callback):
             label = op_label(name, params)
             with degrade(model, name, **params):
                 degraded = measure()
-            if state_checksum(model) != checksum:
-                raise RuntimeError(f"{label} did not restore the model bit-exactly (checksum changed).")
+            check_restored(model, checksum, label)
             result = operator_result(intact, degraded)
             dip = result["stratification"]["dip"]
             scalars |= {

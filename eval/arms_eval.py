@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dipreg.eval import stats
-from dipreg.eval.ledger import state_checksum
+from dipreg.eval.ledger import check_restored, state_checksum
 from dipreg.eval.operators import degrade, op_label, parse_ops
 from dipreg.models import load_model
 from dipreg.stimuli import MinimalPair
@@ -113,8 +113,7 @@ def evaluate_model(
         else:
             with degrade(model, name, **params):
                 correct = trajectories(model, tokenizer, pairs, batch_size=batch_size, prompt=prompt).correct.numpy()
-            if state_checksum(model) != checksum:
-                raise RuntimeError(f"{label} did not restore the model bit-exactly (checksum changed).")
+            check_restored(model, checksum, label)
         flip = stats.flips(clean, correct)
         results[label] = {
             "accuracy": float(correct.mean()),

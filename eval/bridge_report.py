@@ -22,7 +22,7 @@ from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval import stats
 from dipreg.eval.figures import bridge_figure
 from dipreg.eval.interventions import DEFAULT_INTERVENTIONS, intervene, validate_interventions
-from dipreg.eval.ledger import state_checksum
+from dipreg.eval.ledger import check_restored, state_checksum
 from dipreg.eval.operators import degrade, op_label, parse_ops
 from dipreg.eval.readouts import (
     DEFAULT_READOUTS,
@@ -171,8 +171,7 @@ def run_bridge(
             start = time.perf_counter()
             with degrade(model, name, **params) as report:
                 results = run_readouts(model, tokenizer, vignettes, built, session())
-            if state_checksum(model) != checksum:
-                raise RuntimeError(f"{label_} did not restore the model bit-exactly (checksum changed).")
+            check_restored(model, checksum, label_)
             operators[label_] = {
                 "operator": report.as_dict(),
                 "readouts": {k: condition_result(clean[k], r, predictors) for k, r in results.items()},
@@ -188,8 +187,7 @@ def run_bridge(
                 "seconds": time.perf_counter() - start,
             }
             bar.advance(task)
-    if state_checksum(model) != checksum:
-        raise RuntimeError("The intact model changed during the bridge run (checksum differs).")
+    check_restored(model, checksum, "the bridge run")
 
     payload = {
         "model": model_name or "default:SmolLM2-135M-Instruct",

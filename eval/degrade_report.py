@@ -17,7 +17,7 @@ from rich.table import Table
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval import stats
 from dipreg.eval.figures import tertile_flip_figure
-from dipreg.eval.ledger import state_checksum
+from dipreg.eval.ledger import check_restored, state_checksum
 from dipreg.eval.operators import DEFAULT_OPS, degrade, op_label, parse_ops
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.models import load_model
@@ -115,8 +115,7 @@ def run_degrade(
             start = time.perf_counter()
             with degrade(model, name, **params) as report:
                 degraded = measure()
-            if state_checksum(model) != checksum:
-                raise RuntimeError(f"{label} did not restore the model bit-exactly (checksum changed).")
+            check_restored(model, checksum, label)
             results[label] = {**operator_result(intact, degraded), "operator": report.as_dict()}
             results[label]["seconds"] = time.perf_counter() - start
             bar.advance(task)

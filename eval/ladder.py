@@ -19,7 +19,7 @@ from rich.table import Table
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval import stats
 from dipreg.eval.ladder_figures import ladder_figure
-from dipreg.eval.ledger import state_checksum
+from dipreg.eval.ledger import check_restored, state_checksum
 from dipreg.eval.operators import degrade
 from dipreg.models import load_model
 from dipreg.plots import save_figure
@@ -75,8 +75,7 @@ def measure_model(
             out["w3_accuracy"] = float(
                 trajectories(model, tokenizer, pairs, batch_size=batch_size, prompt=prompt).correct.float().mean()
             )
-        if state_checksum(model) != checksum:
-            raise RuntimeError(f"RTN w3 did not restore {name} bit-exactly (checksum changed).")
+        check_restored(model, checksum, f"RTN w3 on {name}")
     return out
 
 

@@ -69,3 +69,9 @@ def state_checksum(model: nn.Module) -> str:
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_restored(model: nn.Module, checksum: str, what: str) -> None:
+    """Raise ``RuntimeError`` naming ``what`` unless ``model``'s :func:`state_checksum` is still ``checksum``."""
+    if state_checksum(model) != checksum:
+        raise RuntimeError(f"{what} did not restore the model bit-exactly (checksum changed).")

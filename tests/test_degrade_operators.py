@@ -349,3 +349,14 @@ def test_other_architectures_are_degraded_and_restored(arch, ids):
                 assert not torch.equal(tiny(input_ids=ids).logits, intact), (arch, op)
     assert_identical(tiny, before)
     assert state_checksum(tiny) == checksum
+
+
+def test_check_restored_names_what_changed_the_model(llama_tiny):
+    from dipreg.eval.ledger import check_restored
+
+    checksum = state_checksum(llama_tiny)
+    check_restored(llama_tiny, checksum, "nothing")  # unchanged: no error
+    with torch.no_grad():
+        next(llama_tiny.parameters()).view(-1)[0] += 1.0
+    with pytest.raises(RuntimeError, match="late_svd:rank=2 did not restore"):
+        check_restored(llama_tiny, checksum, "late_svd:rank=2")
