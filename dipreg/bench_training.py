@@ -16,6 +16,7 @@ from dipreg.data import collate, pair_examples
 from dipreg.losses import WrongMarginHinge
 from dipreg.module import DipRegModule
 from dipreg.prompting import PromptFormat
+from dipreg.trajectory import pad_token_id
 
 __all__ = ["hinge_overhead_section"]
 
@@ -40,7 +41,7 @@ def _step_runner(module: DipRegModule, batches: list) -> Callable[[], None]:
 def hinge_overhead_section(ctx: BenchContext) -> list[Ratio]:
     """``hinge_overhead`` = (dip_reg step time / output_only step time) − 1, target ≤ 0.10."""
     examples = pair_examples(ctx.tokenizer, ctx.pairs, PromptFormat("raw"))
-    pad_id = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(ctx.tokenizer)
     batches = [
         collate(examples[i : i + ctx.batch_size], pad_id)
         for i in range(0, min(len(examples), BENCH_BATCHES * ctx.batch_size), ctx.batch_size)

@@ -61,12 +61,19 @@ def window_arg(text: str) -> tuple[float, float]:
     return float(parts[0]), float(parts[1])
 
 
+def add_window(parser: argparse.ArgumentParser) -> None:
+    """--window: the relative-depth window of max_wrong_dip."""
+    parser.add_argument(
+        "--window", type=window_arg, default=DEFAULT_WINDOW, help="dip window LO,HI (default 0.25,0.90)"
+    )
+
+
 def _audit_args(p: argparse.ArgumentParser) -> None:
     add_common(p, "runs/audit")
     p.add_argument("--pairs", default="core", help="core | role_binding | FILE.jsonl (default: core)")
     p.add_argument("--lens", default="logit", type=csv_list, help="comma-separated lenses (default: logit)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--window", type=window_arg, default=DEFAULT_WINDOW, help="dip window LO,HI (default 0.25,0.90)")
+    add_window(p)
     add_prompt(p)
     p.add_argument(
         "--tuned-lens",
@@ -193,7 +200,7 @@ def _degrade_args(p: argparse.ArgumentParser) -> None:
         "--ops", default=DEFAULT_OPS, help=f"comma-separated operators op:key=value (default: {DEFAULT_OPS})"
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--window", type=window_arg, default=DEFAULT_WINDOW, help="dip window LO,HI (default 0.25,0.90)")
+    add_window(p)
     add_prompt(p)
 
 
@@ -256,7 +263,7 @@ def _bridge_args(p: argparse.ArgumentParser) -> None:
         help="judge model (HF name or path; 'default' = the embedded model); adds the judge readout",
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--window", type=window_arg, default=DEFAULT_WINDOW, help="dip window LO,HI (default 0.25,0.90)")
+    add_window(p)
     add_prompt(p)
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from dipreg.prompting import PromptFormat, PromptStyle
 from dipreg.stimuli import MinimalPair, StimulusError, candidate_token_ids, load_pairs
-from dipreg.trajectory import pad_right, tokenize_contexts
+from dipreg.trajectory import pad_right, pad_token_id, tokenize_contexts
 
 __all__ = ["PairDataModule", "pair_examples"]
 
@@ -99,7 +99,7 @@ class PairDataModule(LightningDataModule):
             self._val = {name: pair_examples(self.tokenizer, p, self.prompt) for name, p in self.val_pairs.items()}
 
     def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = pad_token_id(self.tokenizer)
         return DataLoader(
             examples,  # type: ignore[arg-type]
             batch_size=self.batch_size,

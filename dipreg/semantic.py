@@ -25,7 +25,7 @@ from dipreg import metrics
 from dipreg.adapter import ModelAdapter
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import StimulusError, Vignette
-from dipreg.trajectory import DEFAULT_PROMPT, Trajectories, pad_right
+from dipreg.trajectory import DEFAULT_PROMPT, Trajectories, pad_right, pad_token_id
 
 #: The instruction of the scoring readouts (label, semantic, constrained): they all read the same prompt.
 SCORING_INSTRUCTION = "Answer with one of the options."
@@ -179,7 +179,7 @@ def score_options(
     depth = adapter.num_layers if layers == "all" else 1
     shape = (len(vignettes), 2, 2, depth)
     logprob, label, branch = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     device = adapter.device
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     was_training = adapter.model.training

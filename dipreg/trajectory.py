@@ -185,7 +185,8 @@ def _batches(
     return batches
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that fills right-padded positions: the tokenizer's pad token, else 0 (the mask hides it)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
@@ -199,7 +200,7 @@ def context_batches(
     """Tokenize ``ctx_a, ctx_b`` of every pair (interleaved: row ``2i`` is pair i's a, ``2i+1`` its b), sort
     by length (less padding) and cut into right-padded batches on the model's device."""
     encoded = tokenize_contexts(tokenizer, pairs, _max_positions(adapter.causal_lm), prompt)
-    return _batches(encoded, batch_size, _pad_id(tokenizer), adapter.device)
+    return _batches(encoded, batch_size, pad_token_id(tokenizer), adapter.device)
 
 
 def shared_prefix_batches(
@@ -213,7 +214,7 @@ def shared_prefix_batches(
     (empty when there is none) and batches of what follows it (``last`` indexes into the suffix)."""
     encoded = tokenize_contexts(tokenizer, pairs, _max_positions(adapter.causal_lm), prompt)
     skip = shared_prefix_length(encoded)
-    return encoded[0][:skip], _batches(encoded, batch_size, _pad_id(tokenizer), adapter.device, skip)
+    return encoded[0][:skip], _batches(encoded, batch_size, pad_token_id(tokenizer), adapter.device, skip)
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.models import load_model
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
-from dipreg.trajectory import pad_right
+from dipreg.trajectory import pad_right, pad_token_id
 from dipreg.tuned_lens import CORPORA, TUNED_LENS_FILE, TunedLens, default_tuned_lens_dir, model_id
 
 #: Generic openings the out-of-domain corpus is sampled from (raw text, no chat template).
@@ -153,7 +153,7 @@ def collect_hidden_states(
     limit = getattr(adapter.causal_lm.config, "max_position_embeddings", None)
     if limit:
         encoded = [ids[-limit:] for ids in encoded]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     offsets = torch.arange(positions_per_sequence, device=adapter.device)
     chunks = []
     for start in range(0, len(encoded), batch_size):

@@ -110,7 +110,7 @@ def run_arms(
     with Progress(*columns, console=console) as bar:
         task = bar.add_task("arms", total=2 * len(jobs) + 1)
         for spec, seed in jobs:
-            run_dir = out_dir / "runs" / spec.name / f"seed{seed}"
+            run_dir = _run_dir(out_dir, spec, seed)
             if not (run_dir / TRAIN_DONE).exists():
                 bar.update(task, description=f"train {spec.name} seed {seed}")
                 start = time.perf_counter()
@@ -119,7 +119,7 @@ def run_arms(
             bar.advance(task)
         targets: list[tuple[str, Path, Path | None]] = [("untrained", out_dir / "runs" / "untrained", None)]
         for spec, seed in jobs:
-            run_dir = out_dir / "runs" / spec.name / f"seed{seed}"
+            run_dir = _run_dir(out_dir, spec, seed)
             adapter = run_dir / json.loads((run_dir / TRAIN_DONE).read_text())["adapter"]
             targets.append((f"{spec.name} seed {seed}", run_dir, adapter))
         for label, run_dir, adapter in targets:
@@ -138,7 +138,7 @@ def run_arms(
     untrained = json.loads((out_dir / "runs" / "untrained" / EVAL_DONE).read_text())
     runs = []
     for spec, seed in jobs:
-        run_dir = out_dir / "runs" / spec.name / f"seed{seed}"
+        run_dir = _run_dir(out_dir, spec, seed)
         train = json.loads((run_dir / TRAIN_DONE).read_text())
         retention = json.loads((run_dir / "retention.json").read_text())
         runs.append(
@@ -186,6 +186,11 @@ def run_arms(
         console.print(rich_table(table))
     console.print(f"wrote {out_dir / 'arms.json'}, report.md, report.html, retention.png, monitor.png")
     return result
+
+
+def _run_dir(out_dir: Path, spec: ArmSpec, seed: int) -> Path:
+    """Where one arm × seed is trained and evaluated."""
+    return out_dir / "runs" / spec.name / f"seed{seed}"
 
 
 def _without_items(ev: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dipreg.eval.ledger import check_restored, state_checksum
 from dipreg.eval.operators import degrade, op_label, parse_ops
 from dipreg.models import load_model
 from dipreg.stimuli import MinimalPair
-from dipreg.trajectory import pad_right, trajectories, trajectories_by_lens
+from dipreg.trajectory import pad_right, pad_token_id, trajectories, trajectories_by_lens
 
 __all__ = ["corpus_nll", "evaluate_model", "general_texts", "load_arm_model", "parse_conditions"]
 
@@ -56,7 +56,7 @@ def corpus_nll(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_siz
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id(tokenizer)
     total, count = 0.0, 0
     try:
         for start in range(0, len(texts), batch_size):

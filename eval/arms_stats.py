@@ -73,18 +73,20 @@ def arm_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> list
 
 def causal_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> list[dict[str, Any]]:
     """Table 5: causal (patchscope) dip and commit of every arm, and the relative change of the dip vs untrained."""
-    base = untrained["summary"]["causal"]["mean_max_wrong_dip"]
+    base_row = _row(untrained)
+    base = base_row["causal_dip"]
     rows = [
         {
             "arm": "untrained",
             "causal_dip": mean_sd([base]),
-            "causal_commit": mean_sd([untrained["summary"]["causal"]["mean_commit_layer_frac"]]),
+            "causal_commit": mean_sd([base_row["causal_commit"]]),
             "change_vs_untrained": 0.0,
         }
     ]
     for arm, arm_runs in _by_arm(runs).items():
-        dip = mean_sd([r["eval"]["summary"]["causal"]["mean_max_wrong_dip"] for r in arm_runs])
-        commit = mean_sd([r["eval"]["summary"]["causal"]["mean_commit_layer_frac"] for r in arm_runs])
+        per_seed = [_row(r["eval"]) for r in arm_runs]
+        dip = mean_sd([p["causal_dip"] for p in per_seed])
+        commit = mean_sd([p["causal_commit"] for p in per_seed])
         change = (dip["mean"] - base) / abs(base) if base else math.nan
         rows.append({"arm": arm, "causal_dip": dip, "causal_commit": commit, "change_vs_untrained": change})
     return rows
@@ -158,15 +160,12 @@ def forecast(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         )
     usable = [p for p in points if p["retention"] is not None and p["end_logit_dip"] is not None]
     retention = [p["retention"] for p in usable]
-    by_arm: dict[str, list[dict[str, Any]]] = {}
-    for p in points:
-        by_arm.setdefault(p["arm"], []).append(p)
     arm_means = {
         arm: {
             key: mean_sd([p[key] for p in ps])["mean"]
             for key in ("end_accuracy", "end_logit_dip", "end_causal_dip", "retention")
         }
-        for arm, ps in by_arm.items()
+        for arm, ps in _by_arm(points).items()
     }
 
     def spread(key: str) -> float:

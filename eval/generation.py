@@ -21,6 +21,8 @@ from dipreg.trajectory import pad_right
 
 
 def _pad_id(tokenizer: Any) -> int:
+    # Not dipreg.trajectory.pad_token_id: generate() also writes this id after a row's end-of-sequence, so
+    # without a pad token it must be EOS (dropped by skip_special_tokens), not token 0.
     if tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     return int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else 0
