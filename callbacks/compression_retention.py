@@ -2,7 +2,7 @@
 
 Each degradation from :mod:`dipreg.eval` is applied to the live model inside a ``with`` block and restored
 bit-exactly (checked by checksum); the numbers come from the same code as `dipreg degrade`
-(:func:`dipreg.eval.degrade_report.operator_result`), so the two always agree. Nothing here touches the
+(:func:`dipreg.eval.stats.operator_result`), so the two always agree. Nothing here touches the
 training graph: every measurement runs under ``no_grad`` in eval mode.
 """
 
@@ -16,9 +16,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from dipreg.callbacks.probe import ModelGetter, MonitorSetupError, find_hf_model, resolve_pairs, resolve_tokenizer
-from dipreg.eval.degrade_report import operator_result
-from dipreg.eval.ledger import check_restored, state_checksum
-from dipreg.eval.operators import degrade, get_operator, op_label, parse_ops
+from dipreg.eval.degradation.operators import degrade, get_operator, op_label, parse_ops
+from dipreg.eval.stats import operator_result
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.stimuli import MinimalPair, audit_single_token
 from dipreg.trajectory import trajectories
@@ -104,14 +103,12 @@ class CompressionRetention(Callback):
                 model, tokenizer, self.pairs, batch_size=self.batch_size, window=self.window, prompt=self.prompt
             )
 
-        checksum = state_checksum(model)
         intact = measure()
         scalars = {"retention/intact_accuracy": float(intact.correct.float().mean())}
         for name, params in self.specs:
             label = op_label(name, params)
-            with degrade(model, name, **params):
+            with degrade(model, name, verify=True, **params):
                 degraded = measure()
-            check_restored(model, checksum, label)
             result = operator_result(intact, degraded)
             dip = result["stratification"]["dip"]
             scalars |= {

@@ -49,6 +49,18 @@ def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
     return model
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the body of a ``with`` block; its previous mode comes back on exit (also on an
+    exception). Every measurement in dipreg runs inside one, so a training loop around it keeps its mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def output_tensor(output: Tensor | tuple) -> Tensor:
     """The hidden states of a decoder layer's output, whether it returned a tensor or a tuple."""
     # Since transformers 4.56 some decoder layers return a plain tensor, others a tuple.
@@ -99,6 +111,22 @@ class ModelAdapter:
         """Device of the unembedding weights."""
         return self.lm_head.weight.device
 
+    def eval_mode(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """:func:`eval_mode` of the whole model (PEFT wrapper included)."""
+        return eval_mode(self.model)
+
+    def apply_softcap(self, logits: Tensor) -> Tensor:
+        """The model's final-logit softcap ``c·tanh(logits/c)`` (Gemma 2), or ``logits`` unchanged when it has none.
+        ``*ForCausalLM.forward`` applies it after ``lm_head``; every logit dipreg reads goes through here."""
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
+
+    def vocab_logits(self, normed: Tensor) -> Tensor:
+        """Full-vocabulary logits of residuals already through the final norm: ``lm_head`` (bias included) and the
+        softcap, as the model computes its output. Use :meth:`unembed_rows` when only a few tokens are needed."""
+        return self.apply_softcap(self.lm_head(normed))
+
     def relative_depths(self) -> Tensor:
         """``ℓ/L`` for ``ℓ = 1..L`` (float32, on CPU)."""
         return torch.arange(1, self.num_layers + 1, dtype=torch.float32) / self.num_layers
@@ -118,9 +146,7 @@ class ModelAdapter:
         bias = getattr(self.lm_head, "bias", None)
         if bias is not None:
             logits = logits + bias[token_ids].to(logits.dtype)
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
+        return self.apply_softcap(logits)
 
     def margin(self, residual: Tensor, pos_ids: Tensor, neg_ids: Tensor) -> Tensor:
         """Logit-lens margin ``U[t_pos]·N(h) − U[t_neg]·N(h)`` for raw residuals ``(..., N, D)``."""

@@ -90,7 +90,7 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _lens_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
-    from dipreg.tuned_lens import tuned_lens_options
+    from dipreg.lenses.tuned import tuned_lens_options
 
     causal = {} if args.neutral_prompt is None else {"neutral_prompt": args.neutral_prompt.replace("\\n", "\n")}
     return {"tuned": tuned_lens_options(args.tuned_lens), "causal": causal}
@@ -124,16 +124,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 @command("bench", "speed and memory ratios against references measured in the same run", _bench_args)
 def _bench(args: argparse.Namespace) -> int:
-    from dipreg.bench import SECTIONS, run_bench, section_name
-    from dipreg.callbacks.bench_monitor import monitor_section
+    from dipreg.bench import run_bench
 
-    sections = [*SECTIONS, monitor_section]
-    if args.only:
-        known = {section_name(s): s for s in sections}
-        unknown = [name for name in args.only if name not in known]
-        if unknown:
-            raise ValueError(f"Unknown bench section(s) {unknown}; choose from: {', '.join(known)}.")
-        sections = [known[name] for name in args.only]
     run_bench(
         args.model,
         args.pairs,
@@ -141,7 +133,7 @@ def _bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         batch_size=args.batch_size,
         naive_pairs=args.naive_pairs,
-        sections=sections,
+        sections=args.only,
     )
     return 0
 
@@ -166,7 +158,7 @@ def _tuned_lens_args(p: argparse.ArgumentParser) -> None:
 
 @command("tuned-lens", "train a tuned lens (one affine translator per layer) on a corpus", _tuned_lens_args)
 def _tuned_lens(args: argparse.Namespace) -> int:
-    from dipreg.tuned_lens_train import TrainSettings, run_tuned_lens_train
+    from dipreg.lenses.tuned_training import TrainSettings, run_tuned_lens_train
 
     settings = TrainSettings(
         steps=args.steps,
@@ -192,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _degrade_args(p: argparse.ArgumentParser) -> None:
-    from dipreg.eval.operators import DEFAULT_OPS
+    from dipreg.eval.degradation.operators import DEFAULT_OPS
 
     add_common(p, "runs/degrade")
     p.add_argument("--pairs", default="core", help="core | role_binding | FILE.jsonl (default: core)")
@@ -206,7 +198,7 @@ def _degrade_args(p: argparse.ArgumentParser) -> None:
 
 @command("degrade", "flips under weight/structural degradations, stratified by intact dip and margin", _degrade_args)
 def _degrade(args: argparse.Namespace) -> int:
-    from dipreg.eval.degrade_report import run_degrade
+    from dipreg.eval.degradation.report import run_degrade
 
     run_degrade(
         args.model,
@@ -228,9 +220,9 @@ def _limit_arg(text: str) -> int:
 
 
 def _bridge_args(p: argparse.ArgumentParser) -> None:
-    from dipreg.eval.bridge_report import DEFAULT_BRIDGE_OPS, DEFAULT_LIMIT
-    from dipreg.eval.interventions import DEFAULT_INTERVENTIONS
-    from dipreg.eval.readouts import DEFAULT_READOUTS, READOUT_NAMES
+    from dipreg.eval.readouts.bridge import DEFAULT_BRIDGE_OPS, DEFAULT_LIMIT
+    from dipreg.eval.readouts.interventions import DEFAULT_INTERVENTIONS
+    from dipreg.eval.readouts.readout import DEFAULT_READOUTS, READOUT_NAMES
 
     add_common(p, "runs/bridge")
     p.add_argument("--pairs", default="vignettes", help="vignettes | value_flip | role_binding (default: vignettes)")
@@ -269,7 +261,7 @@ def _bridge_args(p: argparse.ArgumentParser) -> None:
 
 @command("bridge", "readouts on natural vignettes: clean, degraded and under prompt interventions", _bridge_args)
 def _bridge(args: argparse.Namespace) -> int:
-    from dipreg.eval.bridge_report import run_bridge
+    from dipreg.eval.readouts.bridge import run_bridge
 
     run_bridge(
         args.model,
@@ -339,7 +331,7 @@ def _arms_args(p: argparse.ArgumentParser) -> None:
 
 @command("arms", "train the recipe arms x seeds with the dip monitor, evaluate under compression, report", _arms_args)
 def _arms(args: argparse.Namespace) -> int:
-    from dipreg.eval.arms import run_arms
+    from dipreg.eval.arms.runner import run_arms
 
     run_arms(
         args.model,

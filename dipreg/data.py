@@ -15,9 +15,9 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from dipreg.batching import pad_right, pad_token_id, tokenize_contexts
 from dipreg.prompting import PromptFormat, PromptStyle
 from dipreg.stimuli import MinimalPair, StimulusError, candidate_token_ids, load_pairs
-from dipreg.trajectory import pad_right, pad_token_id, tokenize_contexts
 
 __all__ = ["PairDataModule", "pair_examples"]
 

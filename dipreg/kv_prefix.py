@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from dipreg.adapter import ModelAdapter
+from dipreg.adapter import ModelAdapter, eval_mode
 
 
 class PrefixCache:
@@ -36,16 +36,12 @@ class PrefixCache:
     @torch.no_grad()
     def _compute(self) -> list[tuple[Tensor | None, ...]]:
         model = self.adapter.causal_lm
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             out = self.adapter.backbone(
                 input_ids=torch.tensor([self.ids], device=self.adapter.device),
                 past_key_values=DynamicCache(config=model.config),
                 use_cache=True,
             )
-        finally:
-            model.train(was_training)
         return [tuple(entry) for entry in out.past_key_values]
 
     def __len__(self) -> int:

@@ -132,10 +132,7 @@ class DipRegModule(LightningModule):
 
     def answer_logits(self, residual: Tensor) -> Tensor:
         """Full-vocabulary logits ``(B, V)`` of last-layer residuals ``(B, D)`` at the answer positions."""
-        logits = self.adapter.lm_head(self.adapter.final_norm(residual))
-        if self.adapter.softcap is not None:
-            logits = torch.tanh(logits / self.adapter.softcap) * self.adapter.softcap
-        return logits
+        return self.adapter.vocab_logits(self.adapter.final_norm(residual))
 
     def losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """One backbone forward; returns ``(total loss, {ce, <aux names>}, output margin (B,))``."""

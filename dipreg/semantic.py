@@ -22,10 +22,11 @@ from rich.progress import track
 from torch import Tensor, nn
 
 from dipreg import metrics
-from dipreg.adapter import ModelAdapter
+from dipreg.adapter import ModelAdapter, eval_mode
+from dipreg.batching import DEFAULT_PROMPT, pad_right, pad_token_id
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import StimulusError, Vignette
-from dipreg.trajectory import DEFAULT_PROMPT, Trajectories, pad_right, pad_token_id
+from dipreg.trajectory import Trajectories
 
 #: The instruction of the scoring readouts (label, semantic, constrained): they all read the same prompt.
 SCORING_INSTRUCTION = "Answer with one of the options."
@@ -141,10 +142,7 @@ def _rows(tokenizer: Any, vignettes: Sequence[Vignette], prompt: PromptFormat, i
 
 def _log_probs(adapter: ModelAdapter, normed: Tensor) -> Tensor:
     """Full-vocabulary log-softmax of already normed residuals (bias and softcap as the model's head)."""
-    logits = adapter.lm_head(normed).float()
-    if adapter.softcap is not None:
-        logits = torch.tanh(logits / adapter.softcap) * adapter.softcap
-    return logits.log_softmax(-1)
+    return adapter.apply_softcap(adapter.lm_head(normed).float()).log_softmax(-1)
 
 
 @torch.no_grad()
@@ -182,9 +180,7 @@ def score_options(
     pad_id = pad_token_id(tokenizer)
     device = adapter.device
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    was_training = adapter.model.training
-    adapter.model.eval()
-    try:
+    with eval_mode(adapter.model):
         description = f"score options ({layers} layers)"
         for batch in track(batches, description=description, disable=not progress, transient=True):
             chunk = [rows[r] for r in batch]
@@ -222,8 +218,6 @@ def score_options(
                 for slot in (0, 1):
                     logits = adapter.unembed_rows(at_branch, rivals[:, slot].to(device)).float().cpu()
                     branch[(*index[:2], torch.full_like(index[2], slot), layer)] = logits
-    finally:
-        adapter.model.train(was_training)
     return OptionScores(vignettes, logprob, label, branch, layers)
 
 

@@ -1,14 +1,22 @@
-"""Degradation operators, statistics and reports (installed as dipreg.eval).
+"""Evaluation (installed as dipreg.eval): degradations, statistics, readouts, the arms experiment and the ladder.
 
-``degrade(model, op, **params)`` applies one operator to a live model and restores it bit-exactly on exit;
-:mod:`dipreg.eval.stats` holds the flip statistics; ``dipreg degrade`` (``degrade_report``) runs them end to end.
-:mod:`dipreg.eval.readouts` reads natural-language vignettes (label, semantic, constrained, extractive, free, judge);
-``dipreg bridge`` (``bridge_report``) runs them clean, degraded and under prompt interventions.
+- :mod:`~dipreg.eval.degradation`: ``degrade(model, op, **params)`` applies one operator to a live model and
+  restores it bit-exactly on exit (operators, weight layouts, quantizers, the restore ledger, `dipreg degrade`);
+- :mod:`~dipreg.eval.stats`: flip statistics (tertiles, Mann–Whitney, Spearman, McNemar, paired t);
+- :mod:`~dipreg.eval.readouts`: natural-language vignette readouts, prompt interventions and `dipreg bridge`;
+- :mod:`~dipreg.eval.arms`: `dipreg arms` (plan, train, evaluate, stats, report, figures);
+- :mod:`~dipreg.eval.ladder`: `dipreg ladder`, the base ↔ instruct causal-dip ladder.
 """
 
-from dipreg.eval.ledger import state_checksum
-from dipreg.eval.mlp import UnsupportedOperatorError
-from dipreg.eval.operators import OPERATORS, DegradeError, DegradeReport, degrade, parse_ops
+from dipreg.eval.degradation import (
+    OPERATORS,
+    DegradeError,
+    DegradeReport,
+    UnsupportedOperatorError,
+    degrade,
+    parse_ops,
+    state_checksum,
+)
 
 __all__ = [
     "OPERATORS",

@@ -9,24 +9,28 @@ named in several pairs is measured once. The intact models are never changed (ch
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval import stats
-from dipreg.eval.ladder_figures import ladder_figure
-from dipreg.eval.ledger import check_restored, state_checksum
-from dipreg.eval.operators import degrade
+from dipreg.eval.degradation.operators import degrade
 from dipreg.models import load_model
 from dipreg.plots import save_figure
 from dipreg.stimuli import load_pairs
 from dipreg.trajectory import trajectories, trajectories_by_lens
 
-__all__ = ["ACCURACY_MATCH", "measure_model", "parse_ladder", "run_ladder", "verdict"]
+__all__ = ["ACCURACY_MATCH", "ladder_figure", "measure_model", "parse_ladder", "run_ladder", "verdict"]
 
 #: Base and instruct accuracies within this distance count as "matched" (the paper's output-level control).
 ACCURACY_MATCH = 0.05
@@ -70,12 +74,10 @@ def measure_model(
         "w3_accuracy": None,
     }
     if w3:
-        checksum = state_checksum(model)
-        with degrade(model, "rtn", bits=3):
+        with degrade(model, "rtn", verify=True, bits=3):
             out["w3_accuracy"] = float(
                 trajectories(model, tokenizer, pairs, batch_size=batch_size, prompt=prompt).correct.float().mean()
             )
-        check_restored(model, checksum, f"RTN w3 on {name}")
     return out
 
 
@@ -84,6 +86,35 @@ def verdict(delta: float, p: float) -> str:
     if p is None or math.isnan(p) or p >= ALPHA:
         return "null"
     return "amplifies" if delta > 0 else "reverses"
+
+
+def ladder_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    """(a) Δ causal dip (instruct − base) per pair, starred when the paired t is significant; (b) taxonomy:
+    Δ causal dip vs instruct commit depth, point size = instruct RTN-w3 accuracy (fixed size when not measured)."""
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [r["instruct"].rstrip("/").split("/")[-1] for r in rows]
+    deltas = [r["delta_causal_dip"] for r in rows]
+    colors = ["C3" if r["verdict"] == "amplifies" else "C0" if r["verdict"] == "reverses" else "0.6" for r in rows]
+    ax_a.bar(range(len(rows)), deltas, color=colors)
+    for k, r in enumerate(rows):
+        if r["verdict"] != "null":
+            ax_a.text(k, deltas[k], "*", ha="center", va="bottom" if deltas[k] >= 0 else "top")
+    ax_a.axhline(0, color="k", linewidth=0.8)
+    ax_a.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=8)
+    ax_a.set(title="(a) alignment amplification of the causal dip", ylabel="Δ causal dip (instruct − base)")
+    for r, label in zip(rows, labels, strict=True):
+        w3 = r["instruct_w3_accuracy"]
+        size = 40 if w3 is None else 20 + 300 * w3
+        ax_b.scatter(r["delta_causal_dip"], r["instruct_commit"], s=size, alpha=0.7)
+        ax_b.annotate(label, (r["delta_causal_dip"], r["instruct_commit"]), fontsize=7)
+    ax_b.axvline(0, color="k", linewidth=0.8)
+    ax_b.set(
+        title="(b) recipe taxonomy (size: instruct RTN-w3 accuracy)",
+        xlabel="Δ causal dip (instruct − base)",
+        ylabel="instruct commit depth (logit lens)",
+    )
+    fig.tight_layout()
+    return fig
 
 
 def run_ladder(

@@ -1,18 +1,23 @@
 """Item-level statistics of degradation outcomes, built on ``scipy.stats`` (never re-implemented here).
 
 Flips, tertile flip rates, Mann–Whitney U with rank-biserial correlation, Spearman ρ, exact McNemar and paired
-t. Degenerate inputs (no flips, no survivors, constant predictor) give NaN plus a note, never an exception.
+t, and :func:`operator_result`, the whole record of one degraded run (shared by `dipreg degrade` and the
+retention callback). Degenerate inputs (no flips, no survivors, constant predictor) give NaN plus a note, never an
+exception.
 statsmodels is not installed, so the exact McNemar test is ``scipy.stats.binomtest`` on the discordant pairs
 (what statsmodels' ``mcnemar(exact=True)`` computes).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats
+
+if TYPE_CHECKING:
+    from dipreg.trajectory import Trajectories
 
 NAN = float("nan")
 
@@ -146,3 +151,21 @@ def stratify(predictor: ArrayLike, intact_correct: ArrayLike, degraded_correct: 
         notes=list(dict.fromkeys(notes + mw["notes"] + sp["notes"])),
     )
     return out
+
+
+def operator_result(intact: Trajectories, degraded: Trajectories) -> dict[str, Any]:
+    """Accuracy, flips, McNemar, paired t on DiD(L), and dip / margin stratification of one degraded run."""
+    dip = intact.max_wrong_dip.numpy()
+    margin = intact.did[:, -1].abs().numpy()
+    before, after = intact.correct.numpy(), degraded.correct.numpy()
+    flip = flips(before, after)
+    return {
+        "accuracy": float(after.mean()),
+        "strict_accuracy": float(degraded.strict_correct.float().mean()),
+        "n_flips": int(flip.sum()),
+        "n_rescued": int((~before & after).sum()),
+        "mcnemar": mcnemar_exact(before, after),
+        "final_did_paired_t": paired_t(intact.did[:, -1].numpy(), degraded.did[:, -1].numpy()),
+        "stratification": {"dip": stratify(dip, before, after), "margin": stratify(margin, before, after)},
+        "items": {"correct": after.tolist(), "final_did": degraded.did[:, -1].tolist(), "flip": flip.tolist()},
+    }

@@ -10,9 +10,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dipreg.cli import main
-from dipreg.eval.arms_plan import ArmsSettings, build_arms
-from dipreg.eval.arms_report import _ms
-from dipreg.eval.arms_stats import mean_sd, per_seed_mcnemar
+from dipreg.eval.arms.plan import ArmsSettings, build_arms
+from dipreg.eval.arms.report import _ms
+from dipreg.eval.arms.stats import mean_sd, per_seed_mcnemar
 
 ARMS = ("output_only", "late_only", "dip_reg_l0.2")
 

@@ -3,7 +3,8 @@
 import torch
 
 import dipreg
-from dipreg.bench import BenchContext, naive_full_vocab_margins
+from dipreg.bench.core import BenchContext
+from dipreg.bench.lens import naive_full_vocab_margins
 
 
 def test_naive_full_vocabulary_lens_equals_the_two_row_lens(tiny_model, tiny_tokenizer, tiny_pairs):

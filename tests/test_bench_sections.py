@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from dipreg.bench import BenchContext
-from dipreg.callbacks import bench_monitor
+from dipreg.bench import monitor as bench_monitor
+from dipreg.bench.core import BenchContext
 from dipreg.cli import main
 
 

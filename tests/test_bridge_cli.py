@@ -57,6 +57,6 @@ def test_bad_input_fails_with_a_clear_error_before_the_model_is_loaded(tmp_path,
     def no_model(*_args, **_kwargs):
         raise AssertionError("the model must not be loaded on bad input")
 
-    monkeypatch.setattr("dipreg.eval.bridge_report.load_model", no_model)
+    monkeypatch.setattr("dipreg.eval.readouts.bridge.load_model", no_model)
     assert main(["bridge", *flags, "--out", str(tmp_path / "o")]) == 2
     assert message in capsys.readouterr().err

@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from dipreg.callbacks import CompressionRetention, DipMonitor, MonitorSetupError
-from dipreg.eval.ledger import state_checksum
+from dipreg.eval.degradation.ledger import state_checksum
 from dipreg.stimuli import MinimalPair, StimulusError, save_pairs
 
 
@@ -182,7 +182,7 @@ def test_two_process_ddp_logs_the_same_monitor_values_as_one_process(tmp_path, t
 
 
 def test_compression_retention_restores_weights_and_matches_dipreg_degrade(tmp_path, tiny_tokenizer, tiny_pairs):
-    from dipreg.eval.degrade_report import run_degrade
+    from dipreg.eval.degradation.report import run_degrade
 
     ops = "late_svd:rank=4,rtn:bits=3"
     retention = CompressionRetention(tiny_pairs, ops, on="checkpoint", prompt="raw")

@@ -10,8 +10,8 @@ from peft import LoraConfig, get_peft_model
 
 from dipreg.adapter import ModelAdapter
 from dipreg.eval import DegradeError, UnsupportedOperatorError, degrade, parse_ops, state_checksum
-from dipreg.eval.operators import range_layers, span_layers
-from dipreg.eval.quantize import nf4, nf4_code, rtn
+from dipreg.eval.degradation.operators import range_layers, span_layers
+from dipreg.eval.degradation.quantize import nf4, nf4_code, rtn
 
 # Every operator, with parameters that fit the tiny model (width 32, intermediate 64, 8 blocks).
 ALL_OPS = [
@@ -352,7 +352,7 @@ def test_other_architectures_are_degraded_and_restored(arch, ids):
 
 
 def test_check_restored_names_what_changed_the_model(llama_tiny):
-    from dipreg.eval.ledger import check_restored
+    from dipreg.eval.degradation.ledger import check_restored
 
     checksum = state_checksum(llama_tiny)
     check_restored(llama_tiny, checksum, "nothing")  # unchanged: no error
@@ -360,3 +360,22 @@ def test_check_restored_names_what_changed_the_model(llama_tiny):
         next(llama_tiny.parameters()).view(-1)[0] += 1.0
     with pytest.raises(RuntimeError, match="late_svd:rank=2 did not restore"):
         check_restored(llama_tiny, checksum, "late_svd:rank=2")
+
+
+def test_verify_passes_on_a_real_restore_and_names_the_operator_when_the_restore_breaks(model, monkeypatch):
+    before = state_checksum(model)
+    with degrade(model, "rtn", verify=True, bits=3):
+        assert state_checksum(model) != before
+    assert state_checksum(model) == before
+    from dipreg.eval.degradation.ledger import Ledger
+
+    monkeypatch.setattr(Ledger, "restore", lambda self: None)  # a planted fault: nothing is written back
+    with pytest.raises(RuntimeError, match="rtn:bits=3 did not restore"):
+        with degrade(model, "rtn", verify=True, bits=3):
+            pass
+    monkeypatch.undo()
+    with torch.no_grad():  # put the weights back by hand so the module-scoped model stays intact for other tests
+        fresh = make_tiny_model("llama")
+        for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+            p.copy_(q)
+    assert state_checksum(model) == before

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dipreg.eval.extraction import extract_choice, extract_letter
+from dipreg.eval.readouts.extraction import extract_choice, extract_letter
 
 ROLES = ("the nurse", "the patient")
 ROLE_KEYS = (("nurse",), ("patient",))

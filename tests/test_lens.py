@@ -8,8 +8,8 @@ from peft import LoraConfig, get_peft_model
 
 import dipreg
 from dipreg.adapter import ModelAdapter, UnsupportedModelError
+from dipreg.batching import context_batches, shared_prefix_batches, shared_prefix_length
 from dipreg.stimuli import MinimalPair, StimulusError
-from dipreg.trajectory import context_batches, shared_prefix_batches, shared_prefix_length
 
 
 def output_margins(model, tokenizer, pairs):

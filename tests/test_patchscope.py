@@ -7,10 +7,10 @@ import torch
 
 import dipreg
 from dipreg.adapter import ModelAdapter
-from dipreg.patchscope import DEFAULT_NEUTRAL_PROMPT, CausalLens, naive_causal_margins
+from dipreg.batching import context_batches
+from dipreg.lenses.causal import DEFAULT_NEUTRAL_PROMPT, CausalLens, naive_causal_margins
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import candidate_token_ids, load_pairs
-from dipreg.trajectory import context_batches
 
 
 def answer_residuals(model, tokenizer, pairs):
@@ -109,7 +109,8 @@ def test_fast_causal_equals_naive_transplant_on_the_default_model(default_model)
 
 
 def test_bench_section_reports_both_causal_ratios(llama_tiny, tiny_tokenizer, tiny_pairs):
-    from dipreg.bench import BenchContext, causal_section
+    from dipreg.bench.causal import causal_section
+    from dipreg.bench.core import BenchContext
 
     ratios = {r.name: r for r in causal_section(BenchContext(llama_tiny, tiny_tokenizer, tiny_pairs, 4, 1))}
     assert set(ratios) == {"causal_vs_naive_speedup", "causal_vs_lens_ratio"}

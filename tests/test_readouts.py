@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from dipreg.eval.readouts import (
+from dipreg.batching import DEFAULT_PROMPT
+from dipreg.eval.readouts.readout import (
     ReadoutError,
     ReadoutResult,
     ReadoutSession,
@@ -14,7 +15,6 @@ from dipreg.eval.readouts import (
 )
 from dipreg.semantic import SCORING_INSTRUCTION, score_options, semantic_trajectories
 from dipreg.stimuli import load_vignettes
-from dipreg.trajectory import DEFAULT_PROMPT
 
 
 @pytest.fixture(scope="module")

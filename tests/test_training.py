@@ -341,8 +341,8 @@ def test_import_dipreg_does_not_import_lightning():
 def test_hinge_overhead_section_reports_a_ratio_and_leaves_the_bench_model_alone(
     llama_tiny, tiny_tokenizer, tiny_pairs
 ):
-    from dipreg.bench import BenchContext
-    from dipreg.bench_training import hinge_overhead_section
+    from dipreg.bench.core import BenchContext
+    from dipreg.bench.hinge import hinge_overhead_section
 
     names_before = [n for n, _ in llama_tiny.named_parameters()]
     (ratio,) = hinge_overhead_section(BenchContext(llama_tiny, tiny_tokenizer, tiny_pairs, 4, 1))

@@ -9,9 +9,8 @@ import torch
 import dipreg
 from dipreg.adapter import ModelAdapter
 from dipreg.cli import main
-from dipreg.stimuli import save_pairs
-from dipreg.tuned_lens import TunedLens, load_tuned_lens
-from dipreg.tuned_lens_train import (
+from dipreg.lenses.tuned import TunedLens, load_tuned_lens
+from dipreg.lenses.tuned_training import (
     TrainSettings,
     collect_hidden_states,
     in_domain_texts,
@@ -19,6 +18,7 @@ from dipreg.tuned_lens_train import (
     sample_out_of_domain_texts,
     train_tuned_lens,
 )
+from dipreg.stimuli import save_pairs
 
 TEXTS = [
     "Alice chased Bob . Who chased ? Answer : Alice",

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from dipreg.eval.interventions import INTERVENTIONS, InterventionError, intervene
+from dipreg.eval.readouts.interventions import INTERVENTIONS, InterventionError, intervene
 from dipreg.stimuli import StimulusError, Vignette, balanced_subset, load_vignettes
 from dipreg.stimuli.vignettes import generate_role_binding_vignettes, generate_value_flip_vignettes
 

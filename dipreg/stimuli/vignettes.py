@@ -5,7 +5,7 @@ A :class:`Vignette` is the natural-language analogue of a :class:`~dipreg.stimul
 options (multi-token phrases, shown as A and B in both contexts). The option correct in ``ctx_a`` is
 ``options[answer_a]``; in ``ctx_b`` it is the other one. Sets are generated deterministically from
 ``data/vignettes_*.json``; A/B order is counterbalanced (half the vignettes have ``answer_a == 0``, also within
-every subtype). This module only builds and renders text; readouts live in ``dipreg.eval.readouts``.
+every subtype). This module only builds and renders text; readouts live in ``dipreg.eval.readouts.readout``.
 """
 
 from __future__ import annotations

@@ -7,18 +7,24 @@ The dip and the margin are always read on the intact model; each degraded run us
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from dipreg.artifacts import prepare_out_dir, write_json
-from dipreg.eval import stats
-from dipreg.eval.figures import tertile_flip_figure
-from dipreg.eval.ledger import check_restored, state_checksum
-from dipreg.eval.operators import DEFAULT_OPS, degrade, op_label, parse_ops
+from dipreg.eval.degradation.ledger import state_checksum
+from dipreg.eval.degradation.operators import DEFAULT_OPS, degrade, op_label, parse_ops
+from dipreg.eval.stats import operator_result
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.models import load_model
 from dipreg.plots import save_figure
@@ -31,22 +37,32 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None or value != value else format(value, spec)
 
 
-def operator_result(intact: Trajectories, degraded: Trajectories) -> dict[str, Any]:
-    """Accuracy, flips, McNemar, paired t on DiD(L), and dip / margin stratification of one degraded run."""
-    dip = intact.max_wrong_dip.numpy()
-    margin = intact.did[:, -1].abs().numpy()
-    before, after = intact.correct.numpy(), degraded.correct.numpy()
-    flip = stats.flips(before, after)
-    return {
-        "accuracy": float(after.mean()),
-        "strict_accuracy": float(degraded.strict_correct.float().mean()),
-        "n_flips": int(flip.sum()),
-        "n_rescued": int((~before & after).sum()),
-        "mcnemar": stats.mcnemar_exact(before, after),
-        "final_did_paired_t": stats.paired_t(intact.did[:, -1].numpy(), degraded.did[:, -1].numpy()),
-        "stratification": {"dip": stats.stratify(dip, before, after), "margin": stats.stratify(margin, before, after)},
-        "items": {"correct": after.tolist(), "final_did": degraded.did[:, -1].tolist(), "flip": flip.tolist()},
-    }
+def tertile_flip_figure(results: Mapping[str, Mapping[str, Any]], predictor: str = "dip") -> Figure:
+    """Grouped bars per operator: flip rate of the low and the high tertile of the intact ``predictor``.
+
+    Args:
+        results: operator label -> its result block holding ``stratification[predictor]`` (see ``run_degrade``).
+        predictor: ``"dip"`` (intact max_wrong_dip) or ``"margin"`` (intact |DiD(L)|).
+    """
+    labels = list(results)
+    low = [results[k]["stratification"][predictor]["low_tertile_flip_rate"] for k in labels]
+    high = [results[k]["stratification"][predictor]["high_tertile_flip_rate"] for k in labels]
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(labels) + 2), 3.8))
+    ax.bar(x - 0.2, np.nan_to_num(np.array(low, dtype=float)), 0.4, label=f"low-{predictor} tertile")
+    ax.bar(x + 0.2, np.nan_to_num(np.array(high, dtype=float)), 0.4, label=f"high-{predictor} tertile")
+    for i, key in enumerate(labels):
+        p = results[key]["stratification"][predictor]["mw_p"]
+        if p is not None and np.isfinite(p):
+            ax.annotate(
+                f"p={p:.2g}", (x[i], max(np.nan_to_num([low[i], high[i]]))), ha="center", va="bottom", fontsize=7
+            )
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("flip rate (correct intact → wrong)")
+    ax.set_title(f"Flips by intact {predictor} tertile (Mann–Whitney p annotated)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def results_table(title: str, intact_acc: float, results: dict[str, dict[str, Any]]) -> Table:
@@ -102,7 +118,7 @@ def run_degrade(
             model, tokenizer, pairs, batch_size=batch_size, window=window, prompt=prompt_format, progress=True
         )
 
-    checksum = state_checksum(model)
+    checksum = state_checksum(model)  # recorded in degrade.json: the intact weights every row was measured against
     start = time.perf_counter()
     intact = measure()
     timings = {"intact_s": time.perf_counter() - start}
@@ -113,9 +129,8 @@ def run_degrade(
             label = op_label(name, params)
             bar.update(task, description=f"degrade {label}")
             start = time.perf_counter()
-            with degrade(model, name, **params) as report:
+            with degrade(model, name, verify=True, **params) as report:
                 degraded = measure()
-            check_restored(model, checksum, label)
             results[label] = {**operator_result(intact, degraded), "operator": report.as_dict()}
             results[label]["seconds"] = time.perf_counter() - start
             bar.advance(task)

@@ -15,9 +15,9 @@ from rich.progress import track
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
-from dipreg.adapter import ModelAdapter
+from dipreg.adapter import ModelAdapter, eval_mode
+from dipreg.batching import pad_right
 from dipreg.prompting import PromptFormat
-from dipreg.trajectory import pad_right
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -74,17 +74,13 @@ def greedy_generate(
     )
     out: list[str] = [""] * len(texts)
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    was_training = adapter.model.training
-    adapter.model.eval()
-    try:
+    with eval_mode(adapter.model):
         for batch in track(batches, description=description, disable=not progress, transient=True):
             input_ids, mask = _left_pad([encoded[i] for i in batch], pad_id, adapter.device)
             generated = adapter.causal_lm.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
             new = generated[:, input_ids.shape[1] :]
             for row, i in enumerate(batch):
                 out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
-    finally:
-        adapter.model.train(was_training)
     return out
 
 
@@ -104,9 +100,7 @@ def next_token_logits(
     encoded = _encode(tokenizer, texts, prompt)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = torch.zeros(len(texts), len(token_ids))
-    was_training = adapter.model.training
-    adapter.model.eval()
-    try:
+    with eval_mode(adapter.model):
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             input_ids, mask, last = pad_right([encoded[i] for i in batch], _pad_id(tokenizer), adapter.device)
@@ -114,6 +108,4 @@ def next_token_logits(
             for slot, token in enumerate(token_ids):
                 ids = torch.full((len(batch),), token, device=adapter.device)
                 out[torch.tensor(batch), slot] = adapter.unembed_rows(at_last, ids).float().cpu()
-    finally:
-        adapter.model.train(was_training)
     return out

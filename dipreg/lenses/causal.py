@@ -146,15 +146,12 @@ class CausalLens:
         # Decoder blocks return a tensor or a tuple depending on the architecture and the transformers version.
         seen: list[bool] = []
         handle = self.adapter.layers[0].register_forward_hook(lambda _m, _i, out: seen.append(isinstance(out, tuple)))
-        model = self.adapter.causal_lm
-        was_training = model.training
-        model.eval()
         try:
-            last = torch.tensor([self.neutral_ids[-1:]], device=self.adapter.device)
-            self.adapter.backbone(input_ids=last, past_key_values=self._prefix.expanded(1), use_cache=True)
+            with self.adapter.eval_mode():
+                last = torch.tensor([self.neutral_ids[-1:]], device=self.adapter.device)
+                self.adapter.backbone(input_ids=last, past_key_values=self._prefix.expanded(1), use_cache=True)
         finally:
             handle.remove()
-            model.train(was_training)
         return seen[0]
 
     def _band(self, n: int) -> int:

@@ -1,7 +1,7 @@
 """The tuned lens: one learned affine translator per layer, applied to ``h_ℓ`` before the final norm and the two
 unembedding rows; saved and loaded as a small file next to the model id.
 
-This module holds the lens, its file format and where files live; training is in :mod:`dipreg.tuned_lens_train`.
+This module holds the lens, its file format and where files live; training is in :mod:`dipreg.lenses.tuned_training`.
 It never changes the model.
 """
 

@@ -1,6 +1,6 @@
 """The degradation operators and ``degrade``, the context manager that applies one to a live model.
 
-Every operator changes the model only through a :class:`~dipreg.eval.ledger.Ledger`, so leaving the context
+Every operator changes the model only through a :class:`~dipreg.eval.degradation.ledger.Ledger`, so leaving the context
 (normally or by an exception) restores the model bit-exactly while copying only the weights that changed.
 Layer choices are relative depths; the defaults follow the paper (§5.2–5.5, §6.6) and are listed in README.
 This module must not measure anything: readouts live in ``dipreg.trajectories``, statistics in ``stats``.
@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from dipreg.adapter import ModelAdapter
-from dipreg.eval import quantize
-from dipreg.eval.ledger import Ledger
-from dipreg.eval.mlp import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
+from dipreg.eval.degradation import quantize
+from dipreg.eval.degradation.layouts import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
+from dipreg.eval.degradation.ledger import Ledger, check_restored, state_checksum
 
 #: The paper's structural + quantization contrast: what `dipreg degrade` runs without --ops.
 DEFAULT_OPS = "late_svd:rank=64,mid_svd:rank=64,rtn:bits=3,late_drop,mid_prune,deprive:alpha=0"
@@ -323,7 +323,7 @@ def get_operator(name: str) -> Operator:
 
 
 @contextlib.contextmanager
-def degrade(model: nn.Module, op: str, **params: Any) -> Iterator[DegradeReport]:
+def degrade(model: nn.Module, op: str, *, verify: bool = False, **params: Any) -> Iterator[DegradeReport]:
     """Apply degradation ``op`` to ``model`` in place for the body of a ``with`` block, then restore it.
 
     The model (plain HF or PEFT-wrapped) is restored bit-exactly on exit, also when the body raises. Only the
@@ -333,6 +333,9 @@ def degrade(model: nn.Module, op: str, **params: Any) -> Iterator[DegradeReport]
     Args:
         model: the live model.
         op: an operator name from :data:`OPERATORS`.
+        verify: prove the restore: hash every parameter and buffer (:func:`state_checksum`) before applying the
+            operator and again after restoring it, and raise ``RuntimeError`` naming the operator when they differ.
+            Checked when the body completes (an exception from the body propagates as it is, after the restore).
         **params: operator parameters (see README "Degradations" for every default).
 
     Yields:
@@ -350,11 +353,14 @@ def degrade(model: nn.Module, op: str, **params: Any) -> Iterator[DegradeReport]
         raise DegradeError(f"{op}: the parameters {merged} select no decoder block of {adapter.num_layers}.")
     ledger = Ledger()
     apply_params = {k: v for k, v in merged.items() if k not in ("start", "end")}
+    checksum = state_checksum(model) if verify else None
     try:
         details = operator.apply(adapter, ledger, layers, **apply_params)
         yield DegradeReport(op, merged, layers, ledger.backup_bytes, ledger.new_bytes, details)
     finally:
         ledger.restore()
+    if checksum is not None:
+        check_restored(model, checksum, op_label(op, params))
 
 
 # ---------------------------------------------------------------- CLI spec

@@ -11,7 +11,7 @@ semantic   yes    R3/L1: teacher-forced total log-prob of each full option phras
 constrained yes   L2: greedy decoding restricted to the two option strings; with two options it is decided
                   at their first differing token, whose logit gap is the margin
 extractive no     L3: short greedy answer asked to copy an option; the option phrase copied first
-free       no     R1/L4: a free one-sentence answer; rule-based A/B extraction (``dipreg.eval.extraction``)
+free       no     R1/L4: a free one-sentence answer; rule-based A/B extraction (``dipreg.eval.readouts.extraction``)
 judge      judge  free answer classified by a separate judge model (any HF causal LM) as choosing A or B
 ========== ====== ===================================================================================
 
@@ -32,12 +32,12 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 from torch import Tensor, nn
 
-from dipreg.eval.extraction import ExtractionMode, extract_choice
-from dipreg.eval.generation import greedy_generate, next_token_logits
+from dipreg.batching import DEFAULT_PROMPT
+from dipreg.eval.readouts.extraction import ExtractionMode, extract_choice
+from dipreg.eval.readouts.generation import greedy_generate, next_token_logits
 from dipreg.prompting import PromptFormat
 from dipreg.semantic import OptionScores, ScoreKind, score_options, single_token_ids
 from dipreg.stimuli import Vignette
-from dipreg.trajectory import DEFAULT_PROMPT
 
 PairRule = Literal["did", "both"]
 EXTRACTIVE_INSTRUCTION = "Answer with the exact words of the correct option and nothing else."

@@ -19,13 +19,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import Tensor
 
-from dipreg.adapter import ModelAdapter
+from dipreg.adapter import ModelAdapter, eval_mode
 from dipreg.artifacts import prepare_out_dir, write_json
+from dipreg.batching import pad_right, pad_token_id
+from dipreg.lenses.tuned import CORPORA, TUNED_LENS_FILE, TunedLens, default_tuned_lens_dir, model_id
 from dipreg.models import load_model
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
-from dipreg.trajectory import pad_right, pad_token_id
-from dipreg.tuned_lens import CORPORA, TUNED_LENS_FILE, TunedLens, default_tuned_lens_dir, model_id
 
 #: Generic openings the out-of-domain corpus is sampled from (raw text, no chat template).
 GENERIC_PROMPTS: tuple[str, ...] = (
@@ -172,10 +172,7 @@ def _log_probs(adapter: ModelAdapter, residual: Tensor, vocab: Tensor | None) ->
     bias = getattr(adapter.lm_head, "bias", None)
     if bias is not None and vocab is not None:
         bias = bias[vocab]
-    logits = F.linear(adapter.final_norm(residual), weight, bias)
-    if adapter.softcap is not None:
-        logits = torch.tanh(logits / adapter.softcap) * adapter.softcap
-    return logits.log_softmax(-1)
+    return adapter.apply_softcap(F.linear(adapter.final_norm(residual), weight, bias)).log_softmax(-1)
 
 
 @torch.no_grad()
@@ -246,9 +243,7 @@ def build_tuned_lens(
 ) -> tuple[TunedLens, list[float], list[str]]:
     """Corpus → cached hidden states → trained lens, with metadata. Returns the lens, the losses and the texts."""
     adapter = ModelAdapter(model)
-    was_training = adapter.causal_lm.training
-    adapter.causal_lm.eval()
-    try:
+    with eval_mode(adapter.causal_lm):
         texts, add_special_tokens = corpus_texts(corpus, adapter.causal_lm, tokenizer, settings)
         hidden = collect_hidden_states(
             adapter, tokenizer, texts, settings.positions_per_sequence, add_special_tokens=add_special_tokens
@@ -261,8 +256,6 @@ def build_tuned_lens(
             **vars(settings),
         }
         lens, losses = train_tuned_lens(adapter, hidden, settings, meta=meta, progress=progress)
-    finally:
-        adapter.causal_lm.train(was_training)
     return lens, losses, texts
 
 
@@ -275,7 +268,7 @@ def run_tuned_lens_train(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """`dipreg tuned-lens train`: train, write ``tuned-lens.pt``, ``train.json`` and ``corpus.txt`` into ``out``
-    (default: :func:`~dipreg.tuned_lens.default_tuned_lens_dir`), print a table, return the JSON payload."""
+    (default: :func:`~dipreg.lenses.tuned.default_tuned_lens_dir`), print a table, return the JSON payload."""
     console = console or Console()
     if corpus not in CORPORA and not Path(corpus).is_file():
         raise FileNotFoundError(f"--corpus {corpus!r} is neither one of {', '.join(CORPORA)} nor an existing file.")

@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 
-from dipreg.bench import BenchContext, Ratio
+from dipreg.bench.core import BenchContext, Ratio
 from dipreg.callbacks.dip_monitor import DipMonitor
 from dipreg.lenses import LENSES
 

@@ -19,7 +19,7 @@ from dipreg.artifacts import write_json
 from dipreg.callbacks.compression_retention import CompressionRetention
 from dipreg.callbacks.dip_monitor import DipMonitor
 from dipreg.data import PairDataModule
-from dipreg.eval.arms_plan import ArmSpec, ArmsSettings, instantiate_losses
+from dipreg.eval.arms.plan import ArmSpec, ArmsSettings, instantiate_losses
 from dipreg.module import DipRegModule
 from dipreg.stimuli import load_pairs
 

@@ -2,10 +2,10 @@
 
 Stages, each resumable (a finished piece leaves a marker file and is skipped on the next run):
 
-1. train every arm × seed (:func:`~dipreg.eval.arms_train.train_arm`; marker ``runs/<arm>/seed<k>/train.json``);
-2. evaluate the untrained model and every run (:func:`~dipreg.eval.arms_eval.evaluate_model`; marker
+1. train every arm × seed (:func:`~dipreg.eval.arms.train.train_arm`; marker ``runs/<arm>/seed<k>/train.json``);
+2. evaluate the untrained model and every run (:func:`~dipreg.eval.arms.evaluate.evaluate_model`; marker
    ``eval.json``);
-3. statistics (:mod:`~dipreg.eval.arms_stats`), ``arms.json``, figures, ``report.md`` and ``report.html``.
+3. statistics (:mod:`~dipreg.eval.arms.stats`), ``arms.json``, figures, ``report.md`` and ``report.html``.
 
 ``arms_config.json`` records the settings; resuming into a folder made with other settings is refused.
 """
@@ -21,12 +21,12 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dipreg.artifacts import prepare_out_dir, write_json
-from dipreg.eval.arms_eval import evaluate_model, general_texts, load_arm_model
-from dipreg.eval.arms_figures import monitor_figure, retention_figure
-from dipreg.eval.arms_plan import ARM_RECIPES, ArmSpec, ArmsSettings, build_arms
-from dipreg.eval.arms_report import build_tables, render_html, render_markdown, rich_table
-from dipreg.eval.arms_stats import RETENTION_CONDITION, arm_table, causal_table, forecast, retention_table
-from dipreg.eval.arms_train import TRAIN_DONE, limited_pairs, train_arm
+from dipreg.eval.arms.evaluate import evaluate_model, general_texts, load_arm_model
+from dipreg.eval.arms.figures import monitor_figure, retention_figure
+from dipreg.eval.arms.plan import ARM_RECIPES, ArmSpec, ArmsSettings, build_arms
+from dipreg.eval.arms.report import build_tables, render_html, render_markdown, rich_table
+from dipreg.eval.arms.stats import RETENTION_CONDITION, arm_table, causal_table, forecast, retention_table
+from dipreg.eval.arms.train import TRAIN_DONE, limited_pairs, train_arm
 from dipreg.plots import save_figure
 
 __all__ = ["DEFAULT_SEEDS", "EVAL_DONE", "run_arms"]
@@ -81,7 +81,7 @@ def run_arms(
 
     Args:
         model_name: base model (``None``: the embedded SmolLM2-135M-Instruct).
-        arms: arm names from :data:`~dipreg.eval.arms_plan.ARM_RECIPES` (default: all three).
+        arms: arm names from :data:`~dipreg.eval.arms.plan.ARM_RECIPES` (default: all three).
         lambdas: hinge weights; ``dip_reg`` trains one arm per λ (default: 0.2).
         seeds: training seeds (default: 0, 1, 2).
         quick: CI-sized smoke run (:meth:`ArmsSettings.quick`).

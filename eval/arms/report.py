@@ -1,7 +1,7 @@
 """Render the `dipreg arms` results: the paper's Tables 3, 4, 5 and the monitor forecast, as Markdown
 (``report.md``), self-contained HTML (``report.html``, figures inlined) and rich tables for the console.
 
-Every cell is formatted from the JSON-ready dicts of :mod:`dipreg.eval.arms_stats`, which ``arms.json`` holds too.
+Every cell is formatted from the JSON-ready dicts of :mod:`dipreg.eval.arms.stats`, which ``arms.json`` holds too.
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ from rich.table import Table
 
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval import stats
-from dipreg.eval.figures import bridge_figure
-from dipreg.eval.interventions import DEFAULT_INTERVENTIONS, intervene, validate_interventions
-from dipreg.eval.ledger import check_restored, state_checksum
-from dipreg.eval.operators import degrade, op_label, parse_ops
-from dipreg.eval.readouts import (
+from dipreg.eval.degradation.ledger import check_restored, state_checksum
+from dipreg.eval.degradation.operators import degrade, op_label, parse_ops
+from dipreg.eval.readouts.figures import bridge_figure
+from dipreg.eval.readouts.interventions import DEFAULT_INTERVENTIONS, intervene, validate_interventions
+from dipreg.eval.readouts.readout import (
     DEFAULT_READOUTS,
     ReadoutResult,
     ReadoutSession,
@@ -116,9 +116,9 @@ def run_bridge(
     Args:
         model_name: HF name or path; None for the embedded default model.
         pairs: vignette set(s): ``vignettes``, ``value_flip``, ``role_binding`` (comma-separated).
-        readouts: readout names (``dipreg.eval.readouts.READOUT_NAMES``).
+        readouts: readout names (``dipreg.eval.readouts.readout.READOUT_NAMES``).
         ops: degradation operators (``dipreg degrade`` syntax); empty string for none.
-        interventions: prompt interventions (``dipreg.eval.interventions.INTERVENTIONS``).
+        interventions: prompt interventions (``dipreg.eval.readouts.interventions.INTERVENTIONS``).
         out: output folder.
         limit: keep a balanced subset of this many vignettes (None or 0: all).
         judge: HF name or path of the judge model (``"default"``: the embedded model); adds the judge readout.
@@ -169,9 +169,8 @@ def run_bridge(
             label_ = op_label(name, params)
             bar.update(task, description=f"degrade {label_}")
             start = time.perf_counter()
-            with degrade(model, name, **params) as report:
+            with degrade(model, name, verify=True, **params) as report:
                 results = run_readouts(model, tokenizer, vignettes, built, session())
-            check_restored(model, checksum, label_)
             operators[label_] = {
                 "operator": report.as_dict(),
                 "readouts": {k: condition_result(clean[k], r, predictors) for k, r in results.items()},

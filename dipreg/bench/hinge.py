@@ -11,12 +11,12 @@ import statistics
 import time
 from collections.abc import Callable
 
-from dipreg.bench import BenchContext, Ratio
+from dipreg.batching import pad_token_id
+from dipreg.bench.core import BenchContext, Ratio
 from dipreg.data import collate, pair_examples
 from dipreg.losses import WrongMarginHinge
 from dipreg.module import DipRegModule
 from dipreg.prompting import PromptFormat
-from dipreg.trajectory import pad_token_id
 
 __all__ = ["hinge_overhead_section"]
 

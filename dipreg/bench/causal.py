@@ -9,10 +9,11 @@ import time
 
 import torch
 
-from dipreg.bench import BenchContext, Ratio, time_median
-from dipreg.patchscope import CausalLens, naive_causal_margins
+from dipreg.batching import context_batches
+from dipreg.bench.core import BenchContext, Ratio, time_median
+from dipreg.lenses.causal import CausalLens, naive_causal_margins
 from dipreg.stimuli import candidate_token_ids
-from dipreg.trajectory import context_batches, trajectories
+from dipreg.trajectory import trajectories
 
 #: The naive reference is run on as many contexts as fit in about this many seconds (at least two).
 NAIVE_BUDGET_S = 60.0

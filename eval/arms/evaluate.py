@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dipreg.adapter import eval_mode
+from dipreg.batching import pad_right, pad_token_id
 from dipreg.eval import stats
-from dipreg.eval.ledger import check_restored, state_checksum
-from dipreg.eval.operators import degrade, op_label, parse_ops
+from dipreg.eval.degradation.ledger import state_checksum
+from dipreg.eval.degradation.operators import degrade, op_label, parse_ops
 from dipreg.models import load_model
 from dipreg.stimuli import MinimalPair
-from dipreg.trajectory import pad_right, pad_token_id, trajectories, trajectories_by_lens
+from dipreg.trajectory import trajectories, trajectories_by_lens
 
 __all__ = ["corpus_nll", "evaluate_model", "general_texts", "load_arm_model", "parse_conditions"]
 
@@ -53,12 +55,10 @@ def corpus_nll(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_siz
 
     The model's train/eval mode is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     pad = pad_token_id(tokenizer)
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for start in range(0, len(texts), batch_size):
             ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts[start : start + batch_size]]
             input_ids, mask, _ = pad_right(ids, pad, device)
@@ -67,8 +67,6 @@ def corpus_nll(model: nn.Module, tokenizer: Any, texts: Sequence[str], batch_siz
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
             total += float(nll)
             count += int((targets != -100).sum())
-    finally:
-        model.train(was_training)
     return total / max(count, 1)
 
 
@@ -99,7 +97,7 @@ def evaluate_model(
     flips vs clean, per-item correctness), ``fragility`` (flip rate under late deprivation α=0 when that
     condition is run, among items correct when clean), ``nll`` and per-item dips.
     """
-    checksum = state_checksum(model)
+    checksum = state_checksum(model)  # recorded with the results: the intact weights they were measured on
     lenses = trajectories_by_lens(model, tokenizer, pairs, ["logit", "causal"], batch_size=batch_size, prompt=prompt)
     logit = lenses["logit"]
     clean = logit.correct.numpy()
@@ -111,9 +109,8 @@ def evaluate_model(
         if name == CLEAN:
             correct = clean
         else:
-            with degrade(model, name, **params):
+            with degrade(model, name, verify=True, **params):
                 correct = trajectories(model, tokenizer, pairs, batch_size=batch_size, prompt=prompt).correct.numpy()
-            check_restored(model, checksum, label)
         flip = stats.flips(clean, correct)
         results[label] = {
             "accuracy": float(correct.mean()),

@@ -1,0 +1,85 @@
+"""`dipreg bench` section `lens`: the two-row logit lens against the naive full-vocabulary lens and a bare forward.
+
+Reports ratios only; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from dipreg.bench.core import BenchContext, Ratio, time_median
+from dipreg.kv_prefix import PrefixCache
+from dipreg.stimuli import candidate_token_ids
+from dipreg.trajectory import trajectories
+
+
+@torch.no_grad()
+def naive_full_vocab_margins(ctx: BenchContext) -> Tensor:
+    """The naive logit lens: ``output_hidden_states``, full-vocabulary logits at every position of every
+    layer, then pick two tokens. Returns ``(2N, L)`` margins in interleaved context order."""
+    pos, neg = candidate_token_ids(ctx.pairs, ctx.tokenizer)
+    pos_ids = torch.tensor(pos).repeat_interleave(2)
+    neg_ids = torch.tensor(neg).repeat_interleave(2)
+    adapter = ctx.adapter
+    out = torch.empty(2 * len(ctx.pairs), adapter.num_layers)
+    for batch in ctx.batches:
+        hidden = adapter.causal_lm(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True
+        ).hidden_states
+        rows = torch.arange(batch.input_ids.shape[0])
+        for layer in range(1, adapter.num_layers + 1):
+            # HF returns the last entry already after the final norm; the earlier ones are raw residuals.
+            normed = hidden[layer] if layer == adapter.num_layers else adapter.final_norm(hidden[layer])
+            logits = adapter.vocab_logits(normed)  # (B, T, V): the full vocabulary at every position
+            last = logits[rows, batch.last]
+            idx = batch.rows
+            out[idx, layer - 1] = last[rows, pos_ids[idx]] - last[rows, neg_ids[idx]]
+    return out
+
+
+@torch.no_grad()
+def bare_forward(ctx: BenchContext) -> None:
+    """The reference forward: the backbone over the same batches as the lens, no hooks, no head. Like the lens it
+    runs the prefix every context shares once and the rest of each context after it."""
+    prefix = PrefixCache(ctx.adapter, ctx.prefix_ids) if ctx.prefix_ids else None
+    for batch in ctx.suffix_batches:
+        ctx.adapter.run_backbone(batch.input_ids, batch.attention_mask, prefix)
+
+
+def lens_section(ctx: BenchContext) -> list[Ratio]:
+    """Logit lens against the naive full-vocabulary lens (on ``ctx.naive_pairs`` pairs, both sides timed on the
+    same pairs) and against a bare forward pass (on all pairs)."""
+
+    def lens_on(c: BenchContext) -> Callable[[], object]:
+        return lambda: trajectories(c.model, c.tokenizer, c.pairs, batch_size=c.batch_size)
+
+    small = ctx.subset(ctx.naive_pairs)
+    fast = lens_on(small)()
+    naive = naive_full_vocab_margins(small)
+    max_diff = max(float((fast.margin_a - naive[0::2]).abs().max()), float((fast.margin_b - naive[1::2]).abs().max()))
+    t_lens_small = time_median(lens_on(small), ctx.repeats)
+    t_naive = time_median(lambda: naive_full_vocab_margins(small), ctx.repeats)
+    t_lens = time_median(lens_on(ctx), ctx.repeats)
+    t_forward = time_median(lambda: bare_forward(ctx), ctx.repeats)
+    speedup = t_naive / t_lens_small
+    ratio = t_lens / t_forward
+    return [
+        Ratio(
+            "lens_vs_naive_speedup",
+            speedup,
+            ">= 5",
+            speedup >= 5,
+            f"{len(small.pairs)} pairs: naive {t_naive:.3f}s / lens {t_lens_small:.3f}s; "
+            f"max |margin diff| {max_diff:.2e}",
+        ),
+        Ratio(
+            "lens_vs_forward_ratio",
+            ratio,
+            "<= 1.15",
+            ratio <= 1.15,
+            f"lens {t_lens:.3f}s / forward {t_forward:.3f}s",
+        ),
+    ]

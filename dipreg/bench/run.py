@@ -1,0 +1,90 @@
+"""`dipreg bench`: run the sections, print the ratio table, write ``bench.json``.
+
+Each section (one module each: ``lens``, ``causal``, ``hinge``, ``monitor``) times one part of dipreg next to its
+reference measured in the same run and returns named ratios. Sections are imported only when they run, so
+``dipreg bench --only lens`` never imports Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from dipreg.artifacts import prepare_out_dir, write_json
+from dipreg.bench.core import BenchContext, Ratio, Section
+from dipreg.models import load_model
+from dipreg.stimuli import load_pairs
+
+#: Section name -> ``module:function``, in the order `dipreg bench` runs them.
+SECTIONS: dict[str, str] = {
+    "lens": "dipreg.bench.lens:lens_section",
+    "causal": "dipreg.bench.causal:causal_section",
+    "hinge": "dipreg.bench.hinge:hinge_overhead_section",
+    "monitor": "dipreg.bench.monitor:monitor_section",
+}
+
+
+def load_sections(names: Sequence[str] | None = None) -> list[Section]:
+    """The section functions for ``names`` (default: all); unknown names raise a ValueError listing the choices."""
+    names = list(SECTIONS) if names is None else list(names)
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown:
+        raise ValueError(f"Unknown bench section(s) {unknown}; choose from: {', '.join(SECTIONS)}.")
+    loaded = []
+    for name in names:
+        module, _, function = SECTIONS[name].partition(":")
+        loaded.append(getattr(importlib.import_module(module), function))
+    return loaded
+
+
+def run_bench(
+    model_name: str | None,
+    pairs_name: str,
+    out: str | Path,
+    *,
+    repeats: int = 3,
+    batch_size: int = 16,
+    naive_pairs: int = 32,
+    sections: Sequence[str] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the named ``sections`` (default: all of :data:`SECTIONS`, in order), print a table and write ``bench.json``;
+    returns the payload. Unknown section names raise a ValueError before the model loads."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}.")
+    if naive_pairs < 1:
+        raise ValueError(f"--naive-pairs must be >= 1, got {naive_pairs}.")
+    chosen = load_sections(sections)
+    console = console or Console()
+    out_dir = prepare_out_dir(out)
+    model, tokenizer = load_model(model_name)
+    ctx = BenchContext(model, tokenizer, load_pairs(pairs_name), batch_size, repeats, naive_pairs)
+    ratios: list[Ratio] = []
+    with console.status("benchmarking…"):
+        for section in chosen:
+            ratios.extend(section(ctx))
+    table = Table(title=f"dipreg bench — {model_name or 'default:SmolLM2-135M-Instruct'}, {len(ctx.pairs)} pairs")
+    for column in ("ratio", "value", "target", "met", "measured"):
+        table.add_column(column)
+    for r in ratios:
+        table.add_row(r.name, f"{r.value:.3f}", r.target, "—" if r.met is None else "yes" if r.met else "NO", r.detail)
+    console.print(table)
+    payload: dict[str, Any] = {r.name: r.value for r in ratios}
+    payload["details"] = {r.name: {"target": r.target, "met": r.met, "measured": r.detail} for r in ratios}
+    payload.update(
+        model=model_name or "default:SmolLM2-135M-Instruct",
+        pairs=pairs_name,
+        repeats=repeats,
+        batch_size=batch_size,
+        naive_pairs=naive_pairs,
+        torch_threads=torch.get_num_threads(),
+    )
+    write_json(out_dir / "bench.json", payload)
+    console.print(f"wrote {out_dir / 'bench.json'}")
+    return payload
