@@ -7,7 +7,6 @@ in the checkpoint so that a resumed run continues its curves.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dipreg.artifacts import write_json
 from dipreg.callbacks.figures import history_figure, trajectory_figure
 from dipreg.callbacks.probe import (
     DipProbe,
@@ -37,7 +37,9 @@ class DipMonitor(Callback):
     Scalars go under ``dip/<lens>/...`` (overall, ``family/<name>/``, ``safety/``) to every logger; with a
     TensorBoard logger also a histogram of per-item dips and two figures (current mean trajectory per lens,
     and the history of accuracy vs dip over steps). The probe set is sharded across ranks and reduced with
-    torchmetrics, so distributed runs log the same values as one process.
+    torchmetrics, so distributed runs log the same values as one process. An item whose trajectory is NaN/infinite
+    or exactly 0 at every layer (a diverged model) counts as NaN, so the scalars covering it are logged as NaN
+    (never as a clean-looking 0), and a warning (``rank_zero_warn``) says how many items each lens could not read.
 
     Args:
         pairs: probe pairs: a built-in set name, a JSONL path, or a sequence of ``MinimalPair``.
@@ -54,7 +56,8 @@ class DipMonitor(Callback):
         figures_every: log figures and histograms on every k-th probe only (scalars go out every probe).
         causal_every: read the ``"causal"`` lens on every k-th probe only, the other lenses every probe. The
             causal lens costs about as much as the forward pass the other lenses share.
-        history_file: file name of the JSON history written next to the logs at the end of fit.
+        history_file: file name of the JSON history written next to the logs at the end of fit (strict JSON:
+            a NaN scalar is written as ``null``).
         lens_options: keyword options per lens (e.g. ``{"tuned": {"path": ...}}``).
 
     Example::
@@ -159,6 +162,9 @@ class DipMonitor(Callback):
         step = trainer.global_step
         self.last_step = step
         self.history.append({"step": float(step), **result.scalars})
+        unreadable = result.unreadable_message(len(self.probe.pairs))
+        if unreadable:
+            rank_zero_warn(f"DipMonitor at step {step}: unreadable trajectories, {unreadable}")
         for logger in trainer.loggers:
             logger.log_metrics(result.scalars, step=step)
         if trainer.is_global_zero and self.log_figures and self.schedule.figures_for(index):
@@ -177,8 +183,7 @@ class DipMonitor(Callback):
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: every rank asks
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)
-            payload = {"lenses": list(self.lenses), "history": self.history}
-            (folder / self.history_file).write_text(json.dumps(payload, indent=1))
+            write_json(folder / self.history_file, {"lenses": list(self.lenses), "history": self.history})
 
     def state_dict(self) -> dict[str, Any]:
         """History and the last probed step (primitives only: checkpoints load with weights_only=True)."""

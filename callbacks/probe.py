@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import MeanMetric, SumMetric
 from transformers import PreTrainedModel
 
 from dipreg.adapter import ModelAdapter
-from dipreg.metrics import DEFAULT_WINDOW, validate_window
+from dipreg.metrics import DEFAULT_WINDOW, unreadable_items, validate_window
 from dipreg.stimuli import MinimalPair, audit_single_token, load_pairs
 from dipreg.trajectory import LATE_BINDING_DEPTH, Trajectories, trajectories_by_lens
 
@@ -113,10 +113,37 @@ class ProbeSchedule:
 
 @dataclass
 class ProbeResult:
-    """One probe: reduced scalars (identical on every rank), and this rank's trajectories per lens."""
+    """One probe: reduced scalars (identical on every rank), and this rank's trajectories per lens.
+
+    ``non_finite`` and ``all_zero`` count, per lens and over every rank, the items whose DiD trajectory holds a
+    NaN/infinity or is exactly 0 at every layer (see :func:`dipreg.metrics.unreadable_items`); their statistics
+    entered the scalars as NaN, so a scalar covering such an item is NaN.
+    """
 
     scalars: dict[str, float]
     local: dict[str, Trajectories]
+    non_finite: dict[str, int] = field(default_factory=dict)
+    all_zero: dict[str, int] = field(default_factory=dict)
+
+    def unreadable_message(self, num_items: int) -> str | None:
+        """One line naming how many items each lens could not read (``None`` when every item was readable)."""
+        parts = [
+            f"{lens}: {self.non_finite.get(lens, 0)} non-finite, {self.all_zero.get(lens, 0)} exactly 0 at every layer"
+            for lens in sorted(set(self.non_finite) | set(self.all_zero))
+            if self.non_finite.get(lens, 0) or self.all_zero.get(lens, 0)
+        ]
+        if not parts:
+            return None
+        return (
+            f"{'; '.join(parts)} (of {num_items} probe items). Their accuracy, dip, commit and late-binding values "
+            "are NaN, so the means that include them are NaN: the model has probably diverged (residuals that "
+            "overflow the final norm read as exactly 0). Lower the learning rate or check the loss."
+        )
+
+
+def _nan_where(mask: Tensor, values: Tensor) -> Tensor:
+    """``values`` as float64 with NaN where ``mask`` is True."""
+    return torch.where(mask, torch.full_like(values, float("nan"), dtype=torch.float64), values.double())
 
 
 class DipProbe:
@@ -124,7 +151,9 @@ class DipProbe:
 
     Each rank measures ``pairs[rank::world_size]``; per-item statistics go into torchmetrics ``MeanMetric``
     objects whose ``compute()`` reduces across processes, so every rank (and a 1-process run) gets the same
-    scalars. Every rank must call :meth:`run` (``compute`` is collective).
+    scalars. Every rank must call :meth:`run` (``compute`` is collective). An item whose trajectory is unreadable
+    (non-finite, or exactly 0 at every layer: :func:`dipreg.metrics.unreadable_items`) contributes NaN to every
+    statistic, so the means covering it are NaN rather than a number computed without it; the result counts them.
 
     Args:
         pairs: the probe pairs.
@@ -155,6 +184,7 @@ class DipProbe:
         self.lens_options = lens_options or {}
         self.families = sorted({p.family for p in self.pairs})
         self._metrics: dict[str, MeanMetric] = {}
+        self._counts: dict[str, SumMetric] = {}
 
     def check(self, tokenizer: Any) -> None:
         """Audit the pairs against the tokenizer now (errors name every failing item)."""
@@ -162,8 +192,21 @@ class DipProbe:
 
     def _metric(self, key: str, device: torch.device) -> MeanMetric:
         if key not in self._metrics:
-            self._metrics[key] = MeanMetric(nan_strategy="ignore")
+            # A NaN item must make the mean NaN: "ignore" would silently average the other items, and "disable"
+            # drops the weights (torchmetrics 1.9), breaking the weight-0 update of an empty shard. A float
+            # strategy replaces NaN by that float with weight 1, so NaN itself propagates with weights intact.
+            self._metrics[key] = MeanMetric(nan_strategy=float("nan"))
         return self._metrics[key].to(device)
+
+    def _count(self, key: str, count: int, device: torch.device) -> int:
+        """Add this rank's ``count`` and return the sum over every rank (collective, like ``compute``)."""
+        if key not in self._counts:
+            self._counts[key] = SumMetric()
+        metric = self._counts[key].to(device)
+        metric.update(torch.tensor(float(count), dtype=torch.float64, device=device))
+        total = int(metric.compute())
+        metric.reset()
+        return total
 
     def _update(self, key: str, values: Tensor, device: torch.device) -> None:
         # An empty shard still updates (with weight 0) so that every rank syncs the same set of metrics.
@@ -200,22 +243,30 @@ class DipProbe:
             prompt=self.prompt,
             lens_options=self.lens_options,
         )
+        non_finite: dict[str, int] = {}
+        all_zero: dict[str, int] = {}
         for lens, traj in local.items():
+            bad_values, zeros = unreadable_items(traj.did)
+            unreadable = bad_values | zeros
+            per_item = {
+                "accuracy": _nan_where(unreadable, traj.correct.float()),
+                "max_wrong_dip": _nan_where(unreadable, traj.max_wrong_dip),
+                "commit_layer_frac": _nan_where(unreadable, traj.commit_layer_frac),
+                "late_binding_rate": _nan_where(unreadable, (traj.commit_layer_frac >= LATE_BINDING_DEPTH).float()),
+            }
             subsets = {"": torch.ones(len(shard), dtype=torch.bool)}
             subsets |= {
                 f"family/{f}/": torch.tensor([p.family == f for p in shard], dtype=torch.bool) for f in self.families
             }
             subsets["safety/"] = torch.tensor([p.safety for p in shard], dtype=torch.bool)
             for prefix, mask in subsets.items():
-                base = f"dip/{lens}/{prefix}"
-                self._update(base + "accuracy", traj.correct[mask].float(), device)
-                self._update(base + "max_wrong_dip", traj.max_wrong_dip[mask], device)
-                self._update(base + "commit_layer_frac", traj.commit_layer_frac[mask], device)
-                late = (traj.commit_layer_frac[mask] >= LATE_BINDING_DEPTH).float()
-                self._update(base + "late_binding_rate", late, device)
+                for stat, values in per_item.items():
+                    self._update(f"dip/{lens}/{prefix}{stat}", values[mask], device)
+            non_finite[lens] = self._count(f"{lens}/non_finite", int(bad_values.sum()), device)
+            all_zero[lens] = self._count(f"{lens}/all_zero", int(zeros.sum()), device)
         scalars = {}
         for key in sorted(k for k in self._metrics if k.split("/")[1] in local):
             metric = self._metrics[key]
             scalars[key] = float(metric.compute())
             metric.reset()
-        return ProbeResult(scalars=scalars, local=local)
+        return ProbeResult(scalars=scalars, local=local, non_finite=non_finite, all_zero=all_zero)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,10 @@ def summary_table(title: str, summary: dict[str, Any]) -> Table:
 
 
 def run_audit(
-    model_name: str | None,
-    pairs_name: str,
-    lenses: list[str],
-    out: str | Path,
+    model_name: str | None = None,
+    pairs_name: str = "core",
+    lenses: Sequence[str] = ("logit",),
+    out: str | Path = "runs/audit",
     *,
     batch_size: int = 16,
     window: tuple[float, float] = DEFAULT_WINDOW,

@@ -3,13 +3,14 @@
 Recipes are YAML files in ``dipreg.recipes`` (``--recipe NAME``) or anywhere (``--config PATH``); every option is
 overridable flag by flag (``--model.lr 1e-4``, ``--trainer.max_steps 5``). ``--model NAME`` is shorthand for
 ``--model.model_name NAME`` (the base model; default: the embedded SmolLM2-135M-Instruct).
+
+:func:`build_cli` is the one recipe parser: `dipreg arms` instantiates each of its arms through it as well.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +20,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from dipreg.data import PairDataModule
 from dipreg.heldout import HeldOutEval
 from dipreg.module import DipRegModule
+from dipreg.recipes import RECIPES, recipe_path
 
-__all__ = ["RECIPES", "recipe_path", "run_fit", "translate_args"]
-
-#: Packaged recipe names (``recipes/<name>.yaml``).
-RECIPES: tuple[str, ...] = tuple(
-    sorted(
-        p.name.removesuffix(".yaml") for p in resources.files("dipreg.recipes").iterdir() if p.name.endswith(".yaml")
-    )
-)
+__all__ = ["TRAINER_DEFAULTS", "DipRegCLI", "build_cli", "run_fit", "translate_args"]
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "default_root_dir": "runs/fit",
     "callbacks": [RichProgressBar()],  # persistent (LightningCLI keeps trainer_defaults callbacks)
 }
-
-
-def recipe_path(name: str) -> Path:
-    """The packaged YAML of recipe ``name``; unknown names raise a ValueError listing the recipes."""
-    if name not in RECIPES:
-        raise ValueError(f"Unknown recipe {name!r}. Packaged recipes: {', '.join(RECIPES)}; or pass --config FILE.")
-    return Path(str(resources.files("dipreg.recipes").joinpath(f"{name}.yaml")))
 
 
 def _is_config_value(value: str) -> bool:
@@ -87,17 +75,28 @@ class DipRegCLI(LightningCLI):
         parser.add_lightning_class_args(HeldOutEval, "heldout")
 
 
-def run_fit(argv: Sequence[str], *, run: bool = True) -> DipRegCLI:
-    """Run ``dipreg fit`` with ``argv`` (everything after ``fit``); ``run=False`` only instantiates."""
-    args = translate_args(argv)
-    # We pass args on purpose (argv after `fit`); Lightning warns whenever sys.argv is non-empty too.
+def build_cli(args: Sequence[str], *, run: bool, trainer_defaults: dict[str, Any] | None = None) -> DipRegCLI:
+    """The one LightningCLI of `dipreg fit` and `dipreg arms`, on LightningCLI-ready ``args`` (``--config FILE``
+    first, then flags; see :func:`translate_args`).
+
+    ``run=False`` only parses and instantiates (``cli.model``, ``cli.datamodule``, ``cli.trainer``);
+    ``run=True`` fits. ``trainer_defaults`` replaces :data:`TRAINER_DEFAULTS`: its ``callbacks`` are appended to
+    the recipe's, its other keys are defaults that a recipe or a flag overrides.
+    """
+    # We pass args on purpose; Lightning warns whenever sys.argv is non-empty too.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    args = list(args)
     return DipRegCLI(
         DipRegModule,
         PairDataModule,
         args=(["fit", *args] if run else args),
         run=run,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults=TRAINER_DEFAULTS,
+        trainer_defaults=TRAINER_DEFAULTS if trainer_defaults is None else trainer_defaults,
         seed_everything_default=0,
     )
+
+
+def run_fit(argv: Sequence[str], *, run: bool = True) -> DipRegCLI:
+    """Run ``dipreg fit`` with ``argv`` (everything after ``fit``); ``run=False`` only instantiates."""
+    return build_cli(translate_args(argv), run=run)

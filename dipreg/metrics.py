@@ -1,7 +1,9 @@
 """Item-level statistics of DiD trajectories (pure tensor functions, no model).
 
 Conventions (DESIGN.md): a DiD vector has one entry per decoder block ``ℓ = 1..L``; relative depth is ``ℓ/L``;
-the output decision is ``s = sign(DiD(L))``.
+the output decision is ``s = sign(DiD(L))``. A trajectory holding a NaN or an infinity has no defined dip or
+commit depth: :func:`max_wrong_dip` and :func:`commit_layer_frac` give NaN for it (never a number that reads
+like a clean item); :func:`unreadable_items` finds such items and the ones whose DiD is exactly 0 at every layer.
 """
 
 from __future__ import annotations
@@ -30,6 +32,23 @@ def depth_mask(num_layers: int, window: tuple[float, float]) -> Tensor:
     return (rel >= lo - 1e-12) & (rel <= hi + 1e-12)
 
 
+def finite_items(did: Tensor) -> Tensor:
+    """``(N,)`` True where every entry of the ``(N, L)`` trajectory is finite."""
+    return torch.isfinite(did).all(dim=-1)
+
+
+def unreadable_items(did: Tensor) -> tuple[Tensor, Tensor]:
+    """``(non_finite, all_zero)``: two ``(N,)`` masks of items whose trajectory carries no reading.
+
+    ``non_finite``: some layer is NaN or infinite. ``all_zero``: DiD is exactly 0.0 at every layer, i.e. the lens
+    cannot tell the two contexts apart anywhere. Since the contexts of a pair differ, that happens only when the
+    readout is degenerate: a diverged model whose residuals overflow the final norm (it then returns 0, and so
+    every margin is 0), or contexts the tokenizer maps to the same tokens.
+    """
+    finite = finite_items(did)
+    return ~finite, finite & (did == 0).all(dim=-1)
+
+
 def output_sign(did: Tensor) -> Tensor:
     """``s = sign(DiD(L))`` for ``did`` of shape ``(N, L)``."""
     return torch.sign(did[..., -1])
@@ -43,25 +62,29 @@ def max_wrong_dip(did: Tensor, window: tuple[float, float] = DEFAULT_WINDOW) -> 
         window: relative-depth window, inclusive.
 
     Returns:
-        ``(N,)`` non-negative dips; 0 when the window is empty or the output is an exact tie.
+        ``(N,)`` non-negative dips (never ``-0.0``); 0 when the window is empty or the output is an exact tie; NaN
+        for a trajectory with a non-finite entry at any layer.
     """
     mask = depth_mask(did.shape[-1], window).to(did.device)
     if not bool(mask.any()):
-        return torch.zeros(did.shape[:-1], dtype=did.dtype, device=did.device)
-    against = -output_sign(did).unsqueeze(-1) * did[..., mask]
-    return against.max(dim=-1).values.clamp_min(0.0)
+        dips = torch.zeros(did.shape[:-1], dtype=did.dtype, device=did.device)
+    else:
+        against = -output_sign(did).unsqueeze(-1) * did[..., mask]
+        dips = against.max(dim=-1).values.clamp_min(0.0) + 0.0  # + 0.0 turns a -0.0 (a tie times -1) into 0.0
+    return torch.where(finite_items(did), dips, torch.full_like(dips, float("nan")))
 
 
 def commit_layer_frac(did: Tensor) -> Tensor:
     """The largest ``ℓ/L`` whose ``sign(DiD(ℓ))`` differs from ``s``; 0 when every layer agrees.
 
     An exact zero at an intermediate layer counts as disagreeing (no preference is not the output's
-    preference), following the definition literally.
+    preference), following the definition literally. NaN for a trajectory with a non-finite entry.
     """
     num_layers = did.shape[-1]
     disagree = torch.sign(did) != output_sign(did).unsqueeze(-1)
     depth = torch.arange(1, num_layers + 1, dtype=did.dtype, device=did.device) / num_layers
-    return torch.where(disagree, depth, torch.zeros_like(depth)).max(dim=-1).values
+    commit = torch.where(disagree, depth, torch.zeros_like(depth)).max(dim=-1).values
+    return torch.where(finite_items(did), commit, torch.full_like(commit, float("nan")))
 
 
 def pair_correct(did: Tensor) -> Tensor:

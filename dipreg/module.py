@@ -9,6 +9,7 @@ This module trains; measuring held-out trajectories lives in :mod:`dipreg.heldou
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,14 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor
+from torch.nn.modules.module import _IncompatibleKeys
 from torchmetrics.classification import BinaryAccuracy
 
 from dipreg.adapter import ModelAdapter
 from dipreg.losses import AuxLoss, BatchView
 from dipreg.models import load_model
 
-__all__ = ["LORA_TARGETS", "DipRegModule", "late_layers"]
+__all__ = ["LORA_TARGETS", "CheckpointMismatchError", "DipRegModule", "late_layers"]
 
 #: LoRA target modules per model type: attention and MLP projections.
 LORA_TARGETS: dict[str, list[str]] = {
@@ -38,10 +40,38 @@ LORA_TARGETS: dict[str, list[str]] = {
 }
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's adapter weights do not fit this module (other layers, rank or target modules)."""
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    """``value`` when it is an ``int`` (a ``bool`` is not) of at least ``minimum``; a ``ValueError`` naming it else."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(
+            f"DipRegModule: {name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})."
+        )
+    return value
+
+
+def _check_number(name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
+    """``value`` when it is a finite real (not a ``bool``) in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value < high
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g})"
+        raise ValueError(
+            f"DipRegModule: {name} must be a finite number in {interval}, got {value!r} ({type(value).__name__})."
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
 def late_layers(num_layers: int, layers: str | float) -> list[int] | None:
     """Layer indices to adapt: ``None`` for ``"all"``, else the last ``ceil(fraction · L)`` layers."""
     if layers == "all":
         return None
+    if isinstance(layers, bool):
+        raise ValueError(f"layers must be 'all' or a fraction in (0, 1] of the last layers, got {layers!r}.")
     try:
         fraction = float(layers)
     except (TypeError, ValueError) as err:
@@ -50,6 +80,42 @@ def late_layers(num_layers: int, layers: str | float) -> list[int] | None:
         raise ValueError(f"layers={layers!r}: a late fraction must lie in (0, 1] (e.g. 0.25 for the last quarter).")
     count = max(1, math.ceil(fraction * num_layers - 1e-9))
     return list(range(num_layers - count, num_layers))
+
+
+def _lora_rank(key: str, shape: tuple[int, ...]) -> int | None:
+    """The LoRA rank a ``lora_A`` (``(r, in)``) or ``lora_B`` (``(out, r)``) weight of ``shape`` implies."""
+    if ".lora_A." in key and len(shape) == 2:
+        return shape[0]
+    if ".lora_B." in key and len(shape) == 2:
+        return shape[1]
+    return None
+
+
+def _mismatch_message(
+    missing: list[str], unexpected: list[str], shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]], hp: Any
+) -> str:
+    """One line saying how a checkpoint's adapter weights differ from a module's, and what to do."""
+
+    def examples(keys: list[str]) -> str:
+        return ", ".join(repr(key)[1:-1] for key in keys[:2]) + (", ..." if len(keys) > 2 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} adapter weight(s) of this module are missing from it (e.g. {examples(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) in it have no place in this module (e.g. {examples(unexpected)})")
+    if shapes:
+        key, got, want = shapes[0]
+        ranks = {r for k, g, _ in shapes if (r := _lora_rank(k, g)) is not None}
+        rank = f"; the checkpoint has LoRA rank {sorted(ranks)[0]}, this module r={hp.get('r')}" if ranks else ""
+        parts.append(
+            f"{len(shapes)} weight(s) differ in shape (e.g. {examples([key])}: {got} in the checkpoint vs {want}){rank}"
+        )
+    settings = ", ".join(f"{k}={hp.get(k)!r}" for k in ("r", "layers", "target_modules"))
+    return (
+        f"The checkpoint does not match this DipRegModule's LoRA adapter: {'; '.join(parts)}. Build the module with "
+        f"the r, layers and target_modules of the run that wrote the checkpoint (this module: {settings})."
+    )
 
 
 class DipRegModule(LightningModule):
@@ -64,6 +130,13 @@ class DipRegModule(LightningModule):
         lr, weight_decay: AdamW settings.
         gradient_checkpointing: recompute activations in backward (non-reentrant, LoRA-safe).
         model, tokenizer: an already loaded model (used instead of ``model_name``) and its tokenizer.
+
+    Every numeric argument is checked before the model is loaded (``r`` an ``int`` >= 1, where ``True`` is not an
+    ``int``; ``alpha`` and ``lr`` finite and > 0; ``dropout`` in [0, 1); ``weight_decay`` >= 0); a ``ValueError``
+    names the parameter.
+
+    Checkpoints hold only the LoRA adapter weights (:meth:`state_dict`); :meth:`load_state_dict` requires the
+    checkpoint's adapter weights to match this module's exactly and never requires the frozen base model.
 
     Example:
         >>> from dipreg.losses import WrongMarginHinge
@@ -89,9 +162,27 @@ class DipRegModule(LightningModule):
         tokenizer: Any = None,
     ) -> None:
         super().__init__()
+        _check_int("r (the LoRA rank)", r, 1)
+        _check_number("alpha (the LoRA scaling)", alpha, 0.0, low_open=True)
+        _check_number("dropout", dropout, 0.0, 1.0)
+        _check_number("lr", lr, 0.0, low_open=True)
+        _check_number("weight_decay", weight_decay, 0.0)
+        if not isinstance(gradient_checkpointing, bool):
+            raise ValueError(
+                f"DipRegModule: gradient_checkpointing must be True or False, got {gradient_checkpointing!r}."
+            )
+        if model_name is not None and not isinstance(model_name, str):
+            raise ValueError(f"DipRegModule: model_name must be a string or None, got {model_name!r}.")
+        if target_modules is not None and (
+            isinstance(target_modules, str)
+            or not target_modules
+            or not all(isinstance(t, str) and t for t in target_modules)
+        ):
+            raise ValueError(
+                "DipRegModule: target_modules must be None (the architecture's defaults) or a non-empty list of "
+                f"module names, got {target_modules!r}."
+            )
         self.save_hyperparameters(ignore=["aux_losses", "model", "tokenizer"])
-        if r < 1:
-            raise ValueError(f"DipRegModule: LoRA rank r must be >= 1, got {r}.")
         self.aux_losses: list[AuxLoss] = list(aux_losses or [])
         for loss in self.aux_losses:
             if not isinstance(loss, AuxLoss):
@@ -201,6 +292,35 @@ class DipRegModule(LightningModule):
         prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
         trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
         return type(full)((key, value) for key, value in full.items() if key in trainable)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
+        """Load a checkpoint written by :meth:`state_dict`: the adapter weights, never the frozen base.
+
+        The checkpoint's keys must be exactly this module's trainable (adapter) weights, with the same shapes;
+        frozen base weights may be absent (they always are) or present (then they are loaded). Anything else — an
+        adapter trained on other layers, with another rank or other target modules — raises
+        :class:`CheckpointMismatchError` (a ``ValueError``) with the counts of missing and unexpected adapter
+        weights, a few example names and the ranks when shapes differ. ``strict`` is accepted for the torch and
+        Lightning signature; this rule applies whatever its value (``strict_loading = False`` only stops Lightning
+        from demanding the base weights). Returns the keys torch reports, without the frozen base weights.
+        """
+        full = super().state_dict(keep_vars=True)
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        given = set(state_dict)
+        missing = sorted(trainable - given)
+        unexpected = sorted(given - set(full))
+        shapes = [
+            (key, tuple(state_dict[key].shape), tuple(full[key].shape))
+            for key in sorted(given & set(full))
+            if isinstance(state_dict[key], Tensor) and tuple(state_dict[key].shape) != tuple(full[key].shape)
+        ]
+        if missing or unexpected or shapes:
+            raise CheckpointMismatchError(_mismatch_message(missing, unexpected, shapes, self.hparams))
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        frozen = set(full) - trainable
+        return _IncompatibleKeys([k for k in result.missing_keys if k not in frozen], list(result.unexpected_keys))
 
     def adapter_dir(self) -> Path:
         """Where the final adapter is exported: ``<log dir>/adapter``."""

@@ -18,6 +18,7 @@ from dipreg.eval.degradation import (
     state_checksum,
 )
 
+# The public degradation API, re-exported under dipreg.eval (its documented home).
 __all__ = [
     "OPERATORS",
     "DegradeError",

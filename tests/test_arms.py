@@ -1,18 +1,26 @@
-"""`dipreg arms`: arm expansion, the per-seed statistics, and a real --quick run on the default model whose report
-is checked against the numbers read back from arms.json; a second invocation resumes without retraining."""
+"""`dipreg arms`: recipe lookup, arm expansion, an arm built through the `dipreg fit` LightningCLI (every recipe
+setting reaches it), the per-seed statistics, and a real --quick run on the default model whose report is checked
+against the numbers read back from arms.json; a second invocation resumes without retraining."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import lightning.pytorch.cli as lightning_cli
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dipreg.cli import main
-from dipreg.eval.arms.plan import ArmsSettings, build_arms
+from dipreg.eval.arms.plan import ArmSpec, ArmsSettings, build_arms
 from dipreg.eval.arms.report import _ms
 from dipreg.eval.arms.stats import mean_sd, per_seed_mcnemar
+from dipreg.eval.arms.train import RECIPE_FILE, build_arm_run
+from dipreg.heldout import HeldOutEval
+from dipreg.losses import WrongMarginHinge
+from dipreg.recipes import RECIPES, load_recipe, recipe_path
+from tests.conftest import make_tiny_model
 
 ARMS = ("output_only", "late_only", "dip_reg_l0.2")
 
@@ -27,6 +35,57 @@ def test_build_arms_expands_lambdas_and_rejects_unknown_names():
         build_arms(["sft"], [0.2])
     with pytest.raises(ValueError, match="λ must be > 0"):
         build_arms(["dip_reg"], [0.0])
+
+
+def test_recipes_resolve_packaged_names_and_yaml_paths(tmp_path):
+    assert "dip_reg" in RECIPES and recipe_path("dip_reg").name == "dip_reg.yaml"
+    custom = tmp_path / "mine.yaml"
+    custom.write_text(recipe_path("late_only").read_text())
+    assert recipe_path(str(custom)) == custom
+    assert load_recipe(custom) == load_recipe("late_only")
+    assert ArmSpec("mine", str(custom)).recipe_config()["model"]["layers"] == 0.25
+    with pytest.raises(ValueError, match=r"Unknown recipe 'nope'.*output_only"):
+        recipe_path("nope")
+    with pytest.raises(FileNotFoundError, match=r"missing\.yaml"):
+        recipe_path(str(tmp_path / "missing.yaml"))
+
+
+def test_an_arm_gets_every_recipe_setting_through_the_fit_cli(tmp_path, tiny_tokenizer, monkeypatch):
+    model_dir = tmp_path / "tiny-llama"
+    make_tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    text = recipe_path("dip_reg").read_text()
+    text = text.replace("seed_everything: 0", "seed_everything: 123")
+    text = text.replace("trainer:\n", "trainer:\n  gradient_clip_val: 0.5\n").replace(
+        "log_every_n_steps: 5", "log_every_n_steps: 3"
+    )
+    recipe = tmp_path / "clipped.yaml"
+    recipe.write_text(text)
+    seeds: list[int] = []
+    seed_everything = lightning_cli.seed_everything
+
+    def record_seed(seed=None, **kwargs):
+        seeds.append(seed)
+        return seed_everything(seed, **kwargs)
+
+    monkeypatch.setattr(lightning_cli, "seed_everything", record_seed)
+
+    run_dir = tmp_path / "run"
+    run = build_arm_run(ArmSpec("clipped", str(recipe), 0.3), 7, ArmsSettings.quick(), run_dir, str(model_dir))
+    assert seeds == [7]  # the arm's seed overrides the recipe's seed_everything (123)
+    trainer = run.trainer
+    assert trainer.gradient_clip_val == 0.5 and trainer.log_every_n_steps == 3  # from the recipe
+    assert trainer.max_steps == ArmsSettings.quick().max_steps and run.data.batch_size == 8  # from the settings
+    assert [h.weight for h in run.module.aux_losses if isinstance(h, WrongMarginHinge)] == [0.3]  # the arm's λ
+    assert trainer.checkpoint_callback is None and trainer.progress_bar_callback is None
+    (heldout,) = [c for c in trainer.callbacks if isinstance(c, HeldOutEval)]
+    assert heldout.sets == ["comp_strict"]  # --quick keeps the recipe's held-out eval small
+    assert run.monitor in trainer.callbacks and run.retention in trainer.callbacks
+    assert trainer.log_dir.rstrip("/") == str(run_dir / "tb")  # adapter, dip_history.json, heldout.json
+    saved = yaml.safe_load((run_dir / RECIPE_FILE).read_text())
+    assert (
+        saved["trainer"]["gradient_clip_val"] == 0.5 and saved["model"]["aux_losses"][0]["init_args"]["weight"] == 0.3
+    )
 
 
 def test_mean_sd_skips_missing_values():

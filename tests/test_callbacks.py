@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -231,3 +232,28 @@ def test_monitor_and_retention_ride_along_a_dip_regularised_fit(tmp_path, tiny_t
     events = read_events(tmp_path / "tb" / "version_0")
     assert "retention/late_drop/accuracy" in events.Tags()["scalars"]
     assert "train/hinge" in events.Tags()["scalars"]
+
+
+def test_probe_gives_nan_for_unreadable_items_and_keeps_every_other_mean(monkeypatch, tiny_pairs):
+    from dipreg.callbacks import probe as probe_module
+    from dipreg.callbacks.probe import DipProbe
+    from dipreg.trajectory import Trajectories
+
+    margin_a = torch.linspace(0.1, 1.0, 8).repeat(4, 1)
+    margin_b = -margin_a.clone()  # every item correct, no dip, commit 0
+    margin_a[0, 3] = float("nan")  # neg-0 (negation): non-finite
+    margin_a[2], margin_b[2] = 0.0, 0.0  # role-0 (role_binding): exactly 0 everywhere
+
+    def fake(model, tokenizer, pairs, lenses, **kwargs):
+        return {"logit": Trajectories(list(pairs), "logit", margin_a[: len(pairs)], margin_b[: len(pairs)])}
+
+    monkeypatch.setattr(probe_module, "trajectories_by_lens", fake)
+    result = DipProbe(tiny_pairs, ("logit",)).run(torch.nn.Linear(1, 1), tokenizer=None)
+    scalars = result.scalars
+    for key in ("accuracy", "max_wrong_dip", "family/negation/accuracy", "family/role_binding/commit_layer_frac"):
+        assert math.isnan(scalars[f"dip/logit/{key}"]), key
+    assert scalars["dip/logit/family/value_flip/accuracy"] == 1.0  # a subset without unreadable items keeps its mean
+    assert scalars["dip/logit/safety/max_wrong_dip"] == 0.0
+    assert (result.non_finite, result.all_zero) == ({"logit": 1}, {"logit": 1})
+    message = result.unreadable_message(len(tiny_pairs))
+    assert message is not None and message.startswith("logit: 1 non-finite, 1 exactly 0 at every layer (of 4 probe")

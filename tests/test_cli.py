@@ -60,3 +60,199 @@ def test_every_documented_command_is_registered():
     choices = build_parser()._subparsers._group_actions[0].choices  # the sub-command action
     documented = {"audit", "bench", "bridge", "degrade", "fit"}
     assert documented <= set(choices)
+
+
+# --- the parser: groups, help with defaults, defaults read from the run functions -----------------------------
+
+#: How each command's help is asked for (`dipreg fit --help` is LightningCLI's own, not argparse's).
+HELP_ARGV = {
+    "audit": ["audit"],
+    "bench": ["bench"],
+    "tuned-lens": ["tuned-lens", "train"],
+    "degrade": ["degrade"],
+    "bridge": ["bridge"],
+    "arms": ["arms"],
+    "ladder": ["ladder"],
+}
+
+
+def _command_parser(argv):
+    """The (sub-)parser that parses ``argv``'s options, from a parser built for ``argv[0]`` only."""
+    from dipreg.cli import build_parser
+
+    parser = build_parser(argv[0])
+    for name in argv:
+        parser = parser._subparsers._group_actions[0].choices[name]
+    return parser
+
+
+def test_every_command_has_a_help_entry():
+    from dipreg.cli import COMMANDS
+
+    assert set(HELP_ARGV) | {"fit"} == set(COMMANDS)
+
+
+@pytest.mark.parametrize("argv", list(HELP_ARGV.values()), ids=list(HELP_ARGV))
+def test_every_command_help_lists_its_options_with_their_defaults(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: dipreg {' '.join(argv)} " in text
+    options = [a for a in _command_parser(argv)._actions if a.option_strings and a.dest != "help"]
+    assert options
+    for action in options:
+        assert action.option_strings[0] in text
+        assert "(default: " in action.help or action.help.endswith("(required)"), action.option_strings
+    assert text.count("(default:") + text.count("(required)") == len(options)
+    if argv[0] != "ladder":
+        for group in ("model:", "output:"):
+            assert group in text
+
+
+def test_help_lists_the_fixed_choices(capsys):
+    from dipreg.bench import SECTIONS
+    from dipreg.lenses import LENSES
+    from dipreg.prompting import PROMPT_STYLES
+
+    helps = {}
+    for name in ("audit", "bench"):
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        helps[name] = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert all(lens in helps["audit"] for lens in LENSES)
+    assert "{" + ",".join(PROMPT_STYLES) + "}" in helps["audit"]
+    assert f"from {', '.join(SECTIONS)}" in helps["bench"]
+
+
+def _signature_default(function, name):
+    import inspect
+
+    return inspect.signature(function).parameters[name].default
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "target", "param"),
+    [
+        (["audit"], "batch_size", "dipreg.audit:run_audit", "batch_size"),
+        (["audit"], "window", "dipreg.audit:run_audit", "window"),
+        (["audit"], "pairs", "dipreg.audit:run_audit", "pairs_name"),
+        (["audit"], "lens", "dipreg.audit:run_audit", "lenses"),
+        (["audit"], "out", "dipreg.audit:run_audit", "out"),
+        (["degrade"], "ops", "dipreg.eval.degradation.report:run_degrade", "ops"),
+        (["bridge"], "limit", "dipreg.eval.readouts.bridge:run_bridge", "limit"),
+        (["bridge"], "readouts", "dipreg.eval.readouts.bridge:run_bridge", "readouts"),
+        (["bridge"], "max_new_tokens", "dipreg.eval.readouts.bridge:run_bridge", "max_new_tokens"),
+        (["bench"], "naive_pairs", "dipreg.bench.run:run_bench", "naive_pairs"),
+        (["ladder", "--models", "a:b"], "prompt", "dipreg.eval.ladder:run_ladder", "prompt"),
+        (["ladder", "--models", "a:b"], "w3", "dipreg.eval.ladder:run_ladder", "w3"),
+        (
+            ["tuned-lens", "train", "--corpus", "in-domain"],
+            "out",
+            "dipreg.lenses.tuned_training:run_tuned_lens_train",
+            "out",
+        ),
+        (["arms"], "seeds", "dipreg.eval.arms.runner:run_arms", "seeds"),
+        (["arms"], "out", "dipreg.eval.arms.runner:run_arms", "out"),
+    ],
+)
+def test_cli_defaults_are_the_run_functions_defaults(argv, dest, target, param):
+    import importlib
+
+    from dipreg.cli import build_parser
+
+    module, _, name = target.partition(":")
+    expected = _signature_default(getattr(importlib.import_module(module), name), param)
+    value = getattr(build_parser(argv[0]).parse_args(argv), dest)
+    assert value == (list(expected) if isinstance(expected, tuple) and param != "window" else expected)
+
+
+def test_tuned_lens_defaults_are_the_train_settings_defaults():
+    from dipreg.cli import build_parser
+    from dipreg.lenses.tuned_training import TrainSettings
+
+    args = build_parser("tuned-lens").parse_args(["tuned-lens", "train", "--corpus", "in-domain"])
+    settings = TrainSettings()
+    assert (args.steps, args.lr, args.max_sequences, args.positions, args.vocab_top_k, args.seed) == (
+        settings.steps,
+        settings.lr,
+        settings.max_sequences,
+        settings.positions_per_sequence,
+        settings.vocab_top_k,
+        settings.seed,
+    )
+
+
+def test_a_changed_signature_default_reaches_the_run_function(monkeypatch):
+    calls = {}
+
+    def run_audit(
+        model_name="m",
+        pairs_name="p",
+        lenses=("causal",),
+        out="o",
+        *,
+        batch_size=3,
+        window=(0.1, 0.2),
+        prompt="raw",
+        lens_options=None,
+        console=None,
+    ):
+        calls.update(model_name=model_name, pairs_name=pairs_name, lenses=lenses, out=out, batch_size=batch_size)
+        calls.update(window=window, prompt=prompt, lens_options=lens_options)
+
+    monkeypatch.setattr("dipreg.audit.run_audit", run_audit)
+    assert main(["audit"]) == 0
+    assert calls == {
+        "model_name": "m",
+        "pairs_name": "p",
+        "lenses": ["causal"],
+        "out": "o",
+        "batch_size": 3,
+        "window": (0.1, 0.2),
+        "prompt": "raw",
+        "lens_options": {"tuned": {}, "causal": {}},
+    }
+
+
+def test_a_changed_train_settings_default_reaches_the_training(monkeypatch):
+    import dataclasses
+
+    from dipreg.lenses.tuned_training import TrainSettings
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings(TrainSettings):
+        steps: int = 7
+        vocab_top_k: int = 0
+
+    calls = []
+    monkeypatch.setattr("dipreg.lenses.tuned_training.TrainSettings", Settings)
+
+    def run_tuned_lens_train(model_name=None, corpus="out-of-domain", out=None, settings=None):
+        calls.append((model_name, corpus, out, settings))
+
+    monkeypatch.setattr("dipreg.lenses.tuned_training.run_tuned_lens_train", run_tuned_lens_train)
+    assert main(["tuned-lens", "train", "--corpus", "in-domain", "--lr", "0.5"]) == 0
+    ((model, corpus, out, settings),) = calls
+    assert (model, corpus, out) == (None, "in-domain", None)
+    assert (settings.steps, settings.vocab_top_k, settings.lr, settings.seed) == (7, 0, 0.5, TrainSettings().seed)
+
+
+def test_the_audit_path_and_help_never_import_lightning(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import contextlib, io, sys\n"
+        "from dipreg.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    for argv in (['--help'], ['audit', '--help']):\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit as exit_:\n"
+        "            assert exit_.code == 0, argv\n"
+        f"assert main(['audit', '--pairs', '/nonexistent.jsonl', '--out', {str(tmp_path / 'o')!r}]) == 2\n"
+        "assert 'lightning' not in sys.modules, 'lightning imported'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -370,12 +370,114 @@ def test_verify_passes_on_a_real_restore_and_names_the_operator_when_the_restore
     from dipreg.eval.degradation.ledger import Ledger
 
     monkeypatch.setattr(Ledger, "restore", lambda self: None)  # a planted fault: nothing is written back
-    with pytest.raises(RuntimeError, match="rtn:bits=3 did not restore"):
-        with degrade(model, "rtn", verify=True, bits=3):
-            pass
+    with pytest.raises(RuntimeError, match="rtn:bits=3 did not restore"), degrade(model, "rtn", verify=True, bits=3):
+        pass
     monkeypatch.undo()
     with torch.no_grad():  # put the weights back by hand so the module-scoped model stays intact for other tests
         fresh = make_tiny_model("llama")
         for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
             p.copy_(q)
     assert state_checksum(model) == before
+
+
+# -- the restore check of every exit, and contexts exited out of order --------------------------------------
+
+
+def test_every_exit_checks_the_restore_of_the_touched_weights_only(monkeypatch):
+    from dipreg.eval.degradation import ledger as ledger_module
+
+    tiny = make_tiny_model("llama")
+    hashed = []
+    real = ledger_module.tensor_digest
+    monkeypatch.setattr(ledger_module, "tensor_digest", lambda t: hashed.append(t.shape) or real(t))
+    with degrade(tiny, "late_svd", rank=2) as report:
+        pass
+    matrices = report.details["matrices"]
+    assert len(hashed) == 2 * matrices  # each touched weight hashed at backup and after restore; nothing else
+    hashed.clear()
+    with degrade(tiny, "late_drop"):
+        pass
+    assert hashed == []  # hooks only: nothing to hash
+
+
+def test_a_broken_restore_is_named_without_verify(monkeypatch):
+    from dipreg.eval.degradation.ledger import Ledger
+    from dipreg.eval.degradation.operators import RestoreError
+
+    tiny = make_tiny_model("llama")
+    monkeypatch.setattr(Ledger, "restore", lambda self: None)  # a planted fault: nothing is written back
+    broken = pytest.raises(RestoreError, match=r"late_svd:rank=2 did not restore the model: model\.layers\.6\.mlp\.\w+")
+    with broken, degrade(tiny, "late_svd", rank=2):
+        pass
+
+
+def test_a_body_that_moves_a_touched_weight_to_another_dtype_is_caught():
+    from dipreg.eval.degradation.operators import RestoreError
+
+    tiny = make_tiny_model("llama")
+    caught = pytest.raises(RestoreError, match=r"rtn:bits=3 did not restore the model: .* differs from its original")
+    with caught, degrade(tiny, "rtn", bits=3):
+        tiny.half()
+
+
+def test_a_body_that_swaps_a_touched_parameter_is_caught():
+    from dipreg.eval.degradation.operators import RestoreError
+
+    tiny = make_tiny_model("llama")
+    caught = pytest.raises(
+        RestoreError, match=r"overwritten weight #\d+ \(64, 32\) is no longer a parameter of the model"
+    )
+    with caught, degrade(tiny, "late_svd", rank=2):
+        gate = tiny.model.layers[6].mlp.gate_proj
+        gate.weight = torch.nn.Parameter(gate.weight.detach().clone())
+
+
+def test_verify_still_covers_the_whole_model(monkeypatch):
+    tiny = make_tiny_model("llama")
+    embed = tiny.model.embed_tokens.weight
+    caught = pytest.raises(RuntimeError, match=r"late_svd:rank=2 did not restore the model bit-exactly")
+    with caught, degrade(tiny, "late_svd", rank=2, verify=True), torch.no_grad():
+        embed[0, 0] += 1.0  # not touched by the operator: only the whole-model checksum sees it
+    with degrade(tiny, "late_svd", rank=2), torch.no_grad():  # without verify the cheap check does not look there
+        embed[0, 0] -= 1.0
+
+
+def test_contexts_exited_out_of_order_are_all_restored_and_refused(ids):
+    tiny = make_tiny_model("llama")
+    before, checksum = snapshot(tiny), state_checksum(tiny)
+    first, second = degrade(tiny, "late_svd", rank=2), degrade(tiny, "rtn", bits=3)
+    first.__enter__()
+    second.__enter__()
+    with pytest.raises(DegradeError, match=r"'late_svd:rank=2' was exited while 'rtn:bits=3' \(entered after it\)"):
+        first.__exit__(None, None, None)
+    assert_identical(tiny, before)  # both undone, newest first
+    assert second.__exit__(None, None, None) is False  # already restored: its own exit does nothing more
+    assert_identical(tiny, before)
+    assert state_checksum(tiny) == checksum
+    with degrade(tiny, "rtn", bits=3, verify=True):  # the model's stack is clean again
+        pass
+
+
+def test_out_of_order_exit_through_a_peft_wrapper_and_its_base_is_caught_too():
+    peft_model = get_peft_model(make_tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    before = snapshot(peft_model)
+    outer = degrade(peft_model, "deprive", alpha=0.5)
+    inner = degrade(peft_model.get_base_model(), "mid_prune")
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(DegradeError, match=r"'deprive:alpha=0\.5' was exited while 'mid_prune'"):
+        outer.__exit__(None, None, None)
+    inner.__exit__(None, None, None)
+    assert_identical(peft_model, before)
+
+
+def test_an_exception_from_the_body_stays_attached_to_the_out_of_order_error():
+    tiny = make_tiny_model("llama")
+    first, second = degrade(tiny, "late_drop"), degrade(tiny, "mid_drop")
+    first.__enter__()
+    second.__enter__()
+    boom = ValueError("boom")
+    with pytest.raises(DegradeError) as info:
+        first.__exit__(ValueError, boom, None)
+    assert info.value.__context__ is boom
+    second.__exit__(None, None, None)

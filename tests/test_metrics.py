@@ -75,3 +75,26 @@ def test_strict_correct_needs_both_margins_on_their_side():
 def test_bad_window_is_rejected_with_a_clear_error(window):
     with pytest.raises(ValueError, match="window"):
         metrics.validate_window(window)
+
+
+def test_a_non_finite_trajectory_has_nan_dip_and_commit_not_zero():
+    d = torch.cat(
+        [
+            did(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, float("nan")),
+            did(float("inf"), 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),  # non-finite outside the window
+            did(0.1, 0.2, -0.5, -1.5, -0.7, 0.1, 0.2, 0.3, 0.4, 2.0),
+        ]
+    )
+    dips, commits = metrics.max_wrong_dip(d), metrics.commit_layer_frac(d)
+    assert torch.isnan(dips[:2]).all() and torch.isnan(commits[:2]).all()
+    assert dips[2].item() == pytest.approx(1.5) and commits[2].item() == pytest.approx(0.5)
+    assert metrics.pair_correct(d).tolist() == [False, True, True]
+
+
+def test_an_all_zero_trajectory_is_flagged_and_its_tie_dip_is_plus_zero():
+    d = torch.cat([did(*[0.0] * 10), did(*[1.0] * 10), did(*[float("nan")] * 10), did(*[0.0] * 9, 1.0)])
+    non_finite, all_zero = metrics.unreadable_items(d)
+    assert non_finite.tolist() == [False, False, True, False]
+    assert all_zero.tolist() == [True, False, False, False]
+    dip = metrics.max_wrong_dip(d[:1])
+    assert dip.item() == 0.0 and not torch.signbit(dip).item()  # never -0.0

@@ -258,3 +258,70 @@ def test_candidate_token_ids_follow_pair_order(smollm2_tokenizer):
     expected_pos = [smollm2_tokenizer.encode(p.t_pos, add_special_tokens=False)[0] for p in pairs]
     expected_neg = [smollm2_tokenizer.encode(p.t_neg, add_special_tokens=False)[0] for p in pairs]
     assert (pos, neg) == (expected_pos, expected_neg)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"ctx_b": _record()["ctx_a"]}, r"\(id 'p1'\): ctx_a and ctx_b are identical \("),
+        ({"ctx_b": _record()["ctx_a"] + "  "}, "identical up to whitespace"),
+        ({"ctx_a": ""}, "field 'ctx_a' is empty"),
+        ({"ctx_b": "   "}, "field 'ctx_b' is whitespace only"),
+        ({"family": ""}, "field 'family' is empty"),
+        ({"id": ""}, r"pairs\.jsonl:1: field 'id' is empty"),
+        ({"id": "  "}, r"pairs\.jsonl:1: field 'id' is whitespace only"),
+        ({"t_pos": ""}, "field 't_pos' is empty"),
+        ({"catgory": "law"}, "unknown field 'catgory'; a pair has only id, ctx_a"),
+        ({"lexical": []}, "field 'lexical' must map strings to strings, got \\[\\]"),
+    ],
+)
+def test_values_that_make_no_pair_are_rejected_with_file_line_id_and_field(tmp_path, changes, message):
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [_record(**changes)])
+    with pytest.raises(StimulusError, match=message) as info:
+        load_pairs(path)
+    assert str(info.value).startswith(f"{path}:1") and "\n" not in str(info.value)
+
+
+def test_a_long_value_is_shown_cut_in_the_message(tmp_path):
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [_record(ctx_a="x " * 500, ctx_b="x " * 500)])
+    with pytest.raises(StimulusError, match=r"identical \('x x x .*\.\.\.\)") as info:
+        load_pairs(path)
+    assert len(str(info.value)) < 300
+
+
+def test_pairs_built_in_python_are_validated_too():
+    with pytest.raises(StimulusError, match=r"pair \(id 'x'\): ctx_a and ctx_b are identical"):
+        MinimalPair("x", "a b", "a b", " Yes", " No", "f", False)
+    with pytest.raises(StimulusError, match=r"pair \(id ''\): field 'id' is empty"):
+        MinimalPair("", "a", "b", " Yes", " No", "f", False)
+    with pytest.raises(StimulusError, match="field 'safety' must be a bool, got int"):
+        MinimalPair("x", "a", "b", " Yes", " No", "f", 1)  # type: ignore[arg-type]
+
+
+def test_non_utf8_bytes_are_named_by_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(
+        json.dumps(_record()).encode()
+        + b"\n"
+        + json.dumps(_record(id="p2", ctx_a="caf\u00e9")).encode("latin-1").replace(b"\\u00e9", b"\xe9")
+        + b"\n"
+    )
+    with pytest.raises(StimulusError, match=r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9 at byte \d+ of the line\)"):
+        load_pairs(path)
+
+
+def test_bom_crlf_and_cr_line_endings_load(tmp_path):
+    lines = [json.dumps(_record(id=f"p{i}")) for i in range(3)]
+    path = tmp_path / "windows.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + lines[0].encode() + b"\r\n" + lines[1].encode() + b"\r" + lines[2].encode())
+    assert [p.id for p in load_pairs(path)] == ["p0", "p1", "p2"]
+
+
+def test_a_key_given_twice_and_a_lone_surrogate_are_named(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"id": "p1", "family": "a", "family": "b"}\n', encoding="utf-8")
+    with pytest.raises(StimulusError, match=r"dup\.jsonl:1: field 'family' appears twice"):
+        load_pairs(path)
+    path.write_text(json.dumps(_record(ctx_a="bad \ud800 text")) + "\n", encoding="utf-8")
+    with pytest.raises(StimulusError, match=r"\(id 'p1'\): field 'ctx_a' is not valid Unicode \(unpaired surrogate"):
+        load_pairs(path)

@@ -17,10 +17,11 @@ from peft import PeftModel
 import dipreg
 from dipreg.cli import main
 from dipreg.data import PairDataModule
-from dipreg.fit import RECIPES, recipe_path, run_fit, translate_args
+from dipreg.fit import run_fit, translate_args
 from dipreg.heldout import HeldOutEval
 from dipreg.losses import AuxLoss, BatchView, WrongMarginHinge
 from dipreg.module import DipRegModule
+from dipreg.recipes import RECIPES, recipe_path
 from dipreg.stimuli import save_pairs
 from tests.conftest import make_tiny_model
 
@@ -348,3 +349,56 @@ def test_hinge_overhead_section_reports_a_ratio_and_leaves_the_bench_model_alone
     (ratio,) = hinge_overhead_section(BenchContext(llama_tiny, tiny_tokenizer, tiny_pairs, 4, 1))
     assert ratio.name == "hinge_overhead" and ratio.value > -1 and "dip_reg" in ratio.detail
     assert [n for n, _ in llama_tiny.named_parameters()] == names_before  # no LoRA injected into it
+
+
+# -- checkpoints that do not fit the module, and argument checks -----------------------------------------------
+
+
+def test_resuming_from_a_checkpoint_of_other_layers_is_an_error_naming_what_differs(
+    tiny_tokenizer, pairs_file, tmp_path
+):
+    from dipreg.module import CheckpointMismatchError
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1)
+    data = PairDataModule(train=pairs_file, val=[pairs_file], batch_size=4)
+    _trainer(tmp_path / "a", 1, [saver], limit_val_batches=0).fit(_tiny_module(tiny_tokenizer, aux_losses=[]), data)
+    (ckpt,) = (tmp_path / "ckpt").iterdir()
+    late = _tiny_module(tiny_tokenizer, aux_losses=[], layers=0.25)
+    message = r"84 weight\(s\) in it have no place in this module .* \(this module: r=4, layers=0\.25"
+    with pytest.raises(CheckpointMismatchError, match=message):
+        _trainer(tmp_path / "b", 2, limit_val_batches=0).fit(late, data, ckpt_path=str(ckpt))
+
+
+def test_an_adapter_only_checkpoint_loads_without_the_frozen_base(tiny_tokenizer):
+    written = _tiny_module(tiny_tokenizer, aux_losses=[])
+    with torch.no_grad():
+        for name, p in written.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.5)
+    checkpoint = written.state_dict()
+    assert checkpoint and all("lora_" in k for k in checkpoint)
+    fresh = _tiny_module(tiny_tokenizer, aux_losses=[])
+    keys = fresh.load_state_dict(checkpoint, strict=True)  # strict or not: the base is never required
+    assert keys.missing_keys == [] and keys.unexpected_keys == []
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in checkpoint.items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"r": True}, r"r \(the LoRA rank\) must be an integer >= 1, got True \(bool\)"),
+        ({"r": 2.0}, r"r \(the LoRA rank\) must be an integer >= 1, got 2\.0 \(float\)"),
+        ({"r": 0}, r"r \(the LoRA rank\) must be an integer >= 1, got 0"),
+        ({"alpha": "abc"}, r"alpha \(the LoRA scaling\) must be a finite number in \(0, inf\), got 'abc' \(str\)"),
+        ({"alpha": 0}, r"alpha \(the LoRA scaling\) must be a finite number in \(0, inf\), got 0"),
+        ({"dropout": -0.1}, r"dropout must be a finite number in \[0, 1\)"),
+        ({"lr": float("inf")}, r"lr must be a finite number in \(0, inf\), got inf"),
+        ({"weight_decay": None}, r"weight_decay must be a finite number in \[0, inf\), got None"),
+        ({"gradient_checkpointing": "yes"}, "gradient_checkpointing must be True or False"),
+        ({"layers": True}, "layers must be 'all' or a fraction"),
+        ({"target_modules": "q_proj"}, "target_modules must be None"),
+    ],
+)
+def test_module_arguments_are_checked_strictly_and_named(tiny_tokenizer, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DipRegModule(model=make_tiny_model("llama"), tokenizer=tiny_tokenizer, **{"r": 4, **kwargs})

@@ -151,3 +151,52 @@ def test_audit_without_a_trained_lens_names_the_fix(llama_tiny, tiny_tokenizer, 
     args = ["audit", "--model", str(model_dir), "--pairs", str(pairs), "--lens", "tuned", "--tuned-lens", "in-domain"]
     assert main([*args, "--out", str(tmp_path / "o")]) == 2
     assert "dipreg tuned-lens train --corpus in-domain" in capsys.readouterr().err
+
+
+def _legacy_pickle(path):
+    import pickle
+
+    path.write_bytes(pickle.dumps({"meta": {}, "state_dict": {}}))
+
+
+def _truncated(path):
+    TunedLens(8, 32).save(path)
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda p: p.write_bytes(b""), "format: not a torch.save zip archive"),
+        (lambda p: p.write_text("hello world"), "format: not a torch.save zip archive"),
+        (_legacy_pickle, "format: not a torch.save zip archive"),
+        (_truncated, "format: a truncated or damaged zip archive"),
+        (lambda p: torch.save([1, 2], p), r"format: expected a dict with 'meta' and 'state_dict', got list"),
+        (lambda p: torch.save({"meta": [], "state_dict": {}}, p), "metadata: 'meta' must be a dict"),
+        (
+            lambda p: torch.save({"meta": {"num_layers": 8, "hidden_size": 0}, "state_dict": {}}, p),
+            "metadata field 'hidden_size' must be a positive integer, got 0",
+        ),
+        (
+            lambda p: torch.save({"meta": {"num_layers": 2, "hidden_size": 4}, "state_dict": {"x": 1}}, p),
+            r"keys: 2 missing \(translators\.0\.bias, translators\.0\.weight\), 1 unexpected \(x\)",
+        ),
+    ],
+)
+def test_every_damaged_lens_file_is_one_line_naming_the_file(tmp_path, write, message):
+    from dipreg.lenses.tuned import TunedLensFileError
+
+    path = tmp_path / "tuned-lens.pt"
+    write(path)
+    with pytest.raises(TunedLensFileError, match=message) as info:
+        TunedLens.load(path)
+    text = str(info.value)
+    assert text.startswith(f"{path} is not a tuned-lens file dipreg can use") and "\n" not in text
+    assert "weights_only" not in text and info.value.__cause__ is None
+
+
+def test_a_mismatched_lens_names_its_file(llama_tiny, tmp_path):
+    path = TunedLens(6, 32, {"model_id": "other"}).save(tmp_path / "lens" / "tuned-lens.pt")
+    assert TunedLens.load(tmp_path / "lens").path == path
+    with pytest.raises(ValueError, match=rf"^{path}: This tuned lens was trained for 6 layers"):
+        load_tuned_lens(ModelAdapter(llama_tiny), path=tmp_path / "lens")

@@ -44,9 +44,9 @@ def load_sections(names: Sequence[str] | None = None) -> list[Section]:
 
 
 def run_bench(
-    model_name: str | None,
-    pairs_name: str,
-    out: str | Path,
+    model_name: str | None = None,
+    pairs_name: str = "core",
+    out: str | Path = "runs/bench",
     *,
     repeats: int = 3,
     batch_size: int = 16,

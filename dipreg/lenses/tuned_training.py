@@ -22,7 +22,7 @@ from torch import Tensor
 from dipreg.adapter import ModelAdapter, eval_mode
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.batching import pad_right, pad_token_id
-from dipreg.lenses.tuned import CORPORA, TUNED_LENS_FILE, TunedLens, default_tuned_lens_dir, model_id
+from dipreg.lenses.tuned import CORPORA, DEFAULT_CORPUS, TUNED_LENS_FILE, TunedLens, default_tuned_lens_dir, model_id
 from dipreg.models import load_model
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
@@ -260,16 +260,18 @@ def build_tuned_lens(
 
 
 def run_tuned_lens_train(
-    model_name: str | None,
-    corpus: str,
-    out: str | Path | None,
-    settings: TrainSettings,
+    model_name: str | None = None,
+    corpus: str = DEFAULT_CORPUS,
+    out: str | Path | None = None,
+    settings: TrainSettings | None = None,
     *,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """`dipreg tuned-lens train`: train, write ``tuned-lens.pt``, ``train.json`` and ``corpus.txt`` into ``out``
-    (default: :func:`~dipreg.lenses.tuned.default_tuned_lens_dir`), print a table, return the JSON payload."""
+    (default: :func:`~dipreg.lenses.tuned.default_tuned_lens_dir`), print a table, return the JSON payload.
+    ``settings=None`` means :class:`TrainSettings` with its defaults."""
     console = console or Console()
+    settings = settings if settings is not None else TrainSettings()
     if corpus not in CORPORA and not Path(corpus).is_file():
         raise FileNotFoundError(f"--corpus {corpus!r} is neither one of {', '.join(CORPORA)} nor an existing file.")
     model, tokenizer = load_model(model_name)

@@ -1,20 +1,18 @@
 """What `dipreg arms` runs: the arms (recipe + λ), the seeds, and the size settings (full or ``--quick``).
 
-An arm is a packaged recipe (``dipreg.recipes``) with, for ``dip_reg``, one λ per arm. The settings object is
+An arm is a recipe (a packaged name from ``dipreg.recipes`` or a YAML path) with, for ``dip_reg``, one λ per arm;
+it is trained through the same LightningCLI as `dipreg fit`, so every recipe setting applies. The settings object is
 written to ``arms_config.json`` so that a resumed run can refuse to mix results of different settings.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-import yaml
+from dipreg.recipes import load_recipe
 
-from dipreg.fit import recipe_path
-
-__all__ = ["ARM_RECIPES", "ArmSpec", "ArmsSettings", "build_arms", "instantiate_losses", "load_recipe"]
+__all__ = ["ARM_RECIPES", "ArmSpec", "ArmsSettings", "build_arms"]
 
 #: The three recipe arms of the paper (§6.1); ``dip_reg`` expands to one arm per λ.
 ARM_RECIPES: tuple[str, ...] = ("output_only", "late_only", "dip_reg")
@@ -24,38 +22,20 @@ ARM_RECIPES: tuple[str, ...] = ("output_only", "late_only", "dip_reg")
 DEFAULT_CONDITIONS = "clean,rtn:bits=4,rtn:bits=3,late_svd:rank=64,mid_svd:rank=64,late_drop,mid_prune,deprive:alpha=0"
 
 
-def load_recipe(name: str) -> dict[str, Any]:
-    """The packaged recipe ``name`` as a dict (its YAML)."""
-    return yaml.safe_load(recipe_path(name).read_text())
-
-
-def instantiate_losses(specs: list[dict[str, Any]]) -> list[Any]:
-    """Build ``aux_losses`` from ``[{class_path, init_args}]`` (the LightningCLI form the recipes use).
-
-    Written out rather than through jsonargparse because the arms runner builds its modules in-process and
-    needs only this one field; the class is imported by its dotted path exactly as LightningCLI would.
-    """
-    losses = []
-    for spec in specs or []:
-        module_name, _, cls_name = spec["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name), cls_name)
-        losses.append(cls(**spec.get("init_args", {})))
-    return losses
-
-
 @dataclass(frozen=True)
 class ArmSpec:
-    """One trained arm: a name (``dip_reg_l0.2``), its recipe, and the hinge weight λ (``None``: recipe's)."""
+    """One trained arm: a name (``dip_reg_l0.2``), its recipe (a packaged name or a YAML path), and the hinge
+    weight λ (``None``: the recipe's)."""
 
     name: str
     recipe: str
     lam: float | None = None
 
     def recipe_config(self) -> dict[str, Any]:
-        """The recipe with λ applied to every ``WrongMarginHinge``."""
+        """The recipe as a dict with λ applied to every ``WrongMarginHinge``."""
         config = load_recipe(self.recipe)
         if self.lam is not None:
-            for spec in config["model"].get("aux_losses") or []:
+            for spec in (config.get("model") or {}).get("aux_losses") or []:
                 if spec["class_path"].endswith("WrongMarginHinge"):
                     spec.setdefault("init_args", {})["weight"] = self.lam
         return config
@@ -95,6 +75,8 @@ class ArmsSettings:
         eval_pairs, eval_limit: the evaluation set of every arm (the paper's 240-item strict set).
         conditions: ``clean`` plus `dipreg degrade` operator specs.
         nll_texts: texts of the general corpus used for the NLL capability-tax proxy (``None``: all).
+        heldout_sets: comma-separated sets of the recipe's HeldOutEval after training (``None``: the recipe's
+            ``heldout.sets``).
         prompt: prompt format (the recipes train on raw prompts).
         batch_eval: contexts per evaluation forward.
     """
@@ -111,6 +93,7 @@ class ArmsSettings:
     eval_limit: int | None = None
     conditions: str = DEFAULT_CONDITIONS
     nll_texts: int | None = None
+    heldout_sets: str | None = None
     prompt: str = "raw"
     batch_eval: int = 32
 
@@ -126,6 +109,7 @@ class ArmsSettings:
             retention_ops="mid_svd:rank=64",
             eval_limit=24,
             nll_texts=4,
+            heldout_sets="comp_strict",  # 25 pairs instead of the recipes' three sets (407 pairs)
         )
 
     def with_overrides(self, **changes: Any) -> ArmsSettings:

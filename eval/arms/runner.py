@@ -2,10 +2,12 @@
 
 Stages, each resumable (a finished piece leaves a marker file and is skipped on the next run):
 
-1. train every arm × seed (:func:`~dipreg.eval.arms.train.train_arm`; marker ``runs/<arm>/seed<k>/train.json``);
-2. evaluate the untrained model and every run (:func:`~dipreg.eval.arms.evaluate.evaluate_model`; marker
-   ``eval.json``);
-3. statistics (:mod:`~dipreg.eval.arms.stats`), ``arms.json``, figures, ``report.md`` and ``report.html``.
+1. :func:`train_stage`: train every arm × seed (:func:`~dipreg.eval.arms.train.train_arm`, through the same
+   LightningCLI as `dipreg fit`; marker ``runs/<arm>/seed<k>/train.json``);
+2. :func:`evaluate_stage`: evaluate the untrained model and every run
+   (:func:`~dipreg.eval.arms.evaluate.evaluate_model`; marker ``eval.json``);
+3. :func:`report_stage`: statistics (:mod:`~dipreg.eval.arms.stats`), ``arms.json``, figures, ``report.md`` and
+   ``report.html``.
 
 ``arms_config.json`` records the settings; resuming into a folder made with other settings is refused.
 """
@@ -29,7 +31,7 @@ from dipreg.eval.arms.stats import RETENTION_CONDITION, arm_table, causal_table,
 from dipreg.eval.arms.train import TRAIN_DONE, limited_pairs, train_arm
 from dipreg.plots import save_figure
 
-__all__ = ["DEFAULT_SEEDS", "EVAL_DONE", "run_arms"]
+__all__ = ["DEFAULT_SEEDS", "EVAL_DONE", "evaluate_stage", "report_stage", "run_arms", "train_stage"]
 
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_LAMBDAS = (0.2,)
@@ -66,6 +68,26 @@ def _eval_run(
     )
 
 
+class StageProgress:
+    """One progress bar shared by the train and evaluate stages; without a ``Progress`` it shows nothing."""
+
+    def __init__(self, progress: Progress | None = None, task: Any = None) -> None:
+        self.progress, self.task = progress, task
+
+    def describe(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=text)
+
+    def advance(self) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task)
+
+
+def _jobs(specs: list[ArmSpec], seeds: list[int]) -> list[tuple[ArmSpec, int]]:
+    """Every arm × seed, seed-major (all arms of seed 0 first)."""
+    return [(spec, seed) for seed in seeds for spec in specs]
+
+
 def run_arms(
     model_name: str | None = None,
     arms: list[str] | None = None,
@@ -78,6 +100,8 @@ def run_arms(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Run (or resume) the arms experiment into ``out`` and return the ``arms.json`` payload.
+
+    Runs :func:`train_stage`, :func:`evaluate_stage` and :func:`report_stage` in order.
 
     Args:
         model_name: base model (``None``: the embedded SmolLM2-135M-Instruct).
@@ -98,46 +122,96 @@ def run_arms(
         console.print("[yellow]note:[/] no output_only arm: the McNemar columns (vs output_only) stay empty.")
     out_dir = prepare_out_dir(out)
     _check_config(out_dir, {"model": model_name, "quick": quick, "settings": settings.as_dict()})
-    eval_pairs = limited_pairs(settings.eval_pairs, settings.eval_limit)
-    jobs = [(spec, seed) for seed in seeds for spec in specs]
-    timings: dict[str, float] = {}
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task("arms", total=2 * len(jobs) + 1)
-        for spec, seed in jobs:
-            run_dir = _run_dir(out_dir, spec, seed)
-            if not (run_dir / TRAIN_DONE).exists():
-                bar.update(task, description=f"train {spec.name} seed {seed}")
-                start = time.perf_counter()
-                train_arm(spec, seed, settings, run_dir, model_name=model_name)
-                timings[f"train/{spec.name}/seed{seed}"] = time.perf_counter() - start
-            bar.advance(task)
-        targets: list[tuple[str, Path, Path | None]] = [("untrained", out_dir / "runs" / "untrained", None)]
-        for spec, seed in jobs:
-            run_dir = _run_dir(out_dir, spec, seed)
-            adapter = run_dir / json.loads((run_dir / TRAIN_DONE).read_text())["adapter"]
-            targets.append((f"{spec.name} seed {seed}", run_dir, adapter))
-        for label, run_dir, adapter in targets:
-            if not (run_dir / EVAL_DONE).exists():
-                run_dir.mkdir(parents=True, exist_ok=True)
+    with Progress(*columns, console=console) as progress:
+        bar = StageProgress(progress, progress.add_task("arms", total=2 * len(specs) * len(seeds) + 1))
+        timings = train_stage(specs, seeds, settings, out_dir, model_name=model_name, bar=bar)
+        timings |= evaluate_stage(specs, seeds, settings, out_dir, model_name=model_name, bar=bar)
+    return report_stage(
+        specs, seeds, settings, out_dir, model_name=model_name, quick=quick, timings=timings, console=console
+    )
 
-                def describe(condition: str, label: str = label) -> None:
-                    bar.update(task, description=f"eval {label}: {condition}")
 
-                start = time.perf_counter()
-                result = _eval_run(model_name, adapter, eval_pairs, settings, describe)
-                result["seconds"] = time.perf_counter() - start
-                timings[f"eval/{label}"] = result["seconds"]
-                write_json(run_dir / EVAL_DONE, result)
-            bar.advance(task)
+def train_stage(
+    specs: list[ArmSpec],
+    seeds: list[int],
+    settings: ArmsSettings,
+    out_dir: Path,
+    *,
+    model_name: str | None = None,
+    bar: StageProgress | None = None,
+) -> dict[str, float]:
+    """Stage 1: train every arm × seed whose ``train.json`` is missing; returns the training times of this call."""
+    bar = bar or StageProgress()
+    timings: dict[str, float] = {}
+    for spec, seed in _jobs(specs, seeds):
+        run_dir = _run_dir(out_dir, spec, seed)
+        if not (run_dir / TRAIN_DONE).exists():
+            bar.describe(f"train {spec.name} seed {seed}")
+            start = time.perf_counter()
+            train_arm(spec, seed, settings, run_dir, model_name=model_name)
+            timings[f"train/{spec.name}/seed{seed}"] = time.perf_counter() - start
+        bar.advance()
+    return timings
+
+
+def evaluate_stage(
+    specs: list[ArmSpec],
+    seeds: list[int],
+    settings: ArmsSettings,
+    out_dir: Path,
+    *,
+    model_name: str | None = None,
+    bar: StageProgress | None = None,
+) -> dict[str, float]:
+    """Stage 2: evaluate the untrained model and every trained run whose ``eval.json`` is missing; returns the
+    evaluation times of this call. Needs every run's ``train.json`` (stage 1)."""
+    bar = bar or StageProgress()
+    eval_pairs = limited_pairs(settings.eval_pairs, settings.eval_limit)
+    targets: list[tuple[str, Path, Path | None]] = [("untrained", out_dir / "runs" / "untrained", None)]
+    for spec, seed in _jobs(specs, seeds):
+        run_dir = _run_dir(out_dir, spec, seed)
+        adapter = run_dir / json.loads((run_dir / TRAIN_DONE).read_text())["adapter"]
+        targets.append((f"{spec.name} seed {seed}", run_dir, adapter))
+    timings: dict[str, float] = {}
+    for label, run_dir, adapter in targets:
+        if not (run_dir / EVAL_DONE).exists():
+            run_dir.mkdir(parents=True, exist_ok=True)
+
+            def describe(condition: str, label: str = label) -> None:
+                bar.describe(f"eval {label}: {condition}")
+
+            start = time.perf_counter()
+            result = _eval_run(model_name, adapter, eval_pairs, settings, describe)
+            result["seconds"] = time.perf_counter() - start
+            timings[f"eval/{label}"] = result["seconds"]
+            write_json(run_dir / EVAL_DONE, result)
+        bar.advance()
+    return timings
+
+
+def report_stage(
+    specs: list[ArmSpec],
+    seeds: list[int],
+    settings: ArmsSettings,
+    out_dir: Path,
+    *,
+    model_name: str | None = None,
+    quick: bool = False,
+    timings: dict[str, float] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Stage 3: statistics over the finished runs, ``arms.json``, figures, ``report.md`` and ``report.html``;
+    returns the ``arms.json`` payload (``timings``: this invocation's stage times, recorded in it)."""
+    console = console or Console()
     untrained = json.loads((out_dir / "runs" / "untrained" / EVAL_DONE).read_text())
     runs = []
-    for spec, seed in jobs:
+    for spec, seed in _jobs(specs, seeds):
         run_dir = _run_dir(out_dir, spec, seed)
         train = json.loads((run_dir / TRAIN_DONE).read_text())
         retention = json.loads((run_dir / "retention.json").read_text())
@@ -168,11 +242,11 @@ def run_arms(
         "quick": quick,
         "settings": settings.as_dict(),
         "eval_pairs": settings.eval_pairs,
-        "eval_n": len(eval_pairs),
+        "eval_n": len(limited_pairs(settings.eval_pairs, settings.eval_limit)),
         "tables": tables,
         "untrained": _without_items(untrained),
         "runs": [{**r, "eval": _without_items(r["eval"])} for r in runs],
-        "timings_this_invocation_s": timings,
+        "timings_this_invocation_s": dict(timings or {}),
     }
     write_json(out_dir / "arms.json", result)
     figures = [

@@ -1,32 +1,52 @@
 """Train one arm × seed of `dipreg arms`: the recipe's LoRA SFT with DipMonitor on and CompressionRetention at the end.
 
-Everything a later stage needs lands in the run folder: ``tb/adapter/`` (PEFT ``save_pretrained``),
-``tb/dip_history.json`` (the DipMonitor history), ``retention.json`` (CompressionRetention at the last step), the
-TensorBoard events, and ``train.json``, written last, which marks the run as finished (resume skips it).
+The arm is instantiated through the same LightningCLI as `dipreg fit` (:func:`dipreg.fit.build_cli`), from the
+recipe (λ applied) written to ``recipe.yaml`` in the run folder, so every recipe setting applies; the arms runner
+overrides only the seed, the base model, the sizes of :class:`ArmsSettings`, the logger and its own callbacks.
+
+Everything a later stage needs lands in the run folder: ``recipe.yaml``, ``tb/adapter/`` (PEFT
+``save_pretrained``), ``tb/dip_history.json`` (the DipMonitor history), ``tb/heldout.json`` (the recipe's
+HeldOutEval), ``tb/config.yaml`` (the configuration as parsed), ``retention.json`` (CompressionRetention at the
+last step), the TensorBoard events, and ``train.json``, written last, which marks the run as finished (resume
+skips it).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
+import yaml
 
 from dipreg.artifacts import write_json
 from dipreg.callbacks.compression_retention import CompressionRetention
 from dipreg.callbacks.dip_monitor import DipMonitor
 from dipreg.data import PairDataModule
-from dipreg.eval.arms.plan import ArmSpec, ArmsSettings, instantiate_losses
+from dipreg.eval.arms.plan import ArmSpec, ArmsSettings
+from dipreg.fit import build_cli
 from dipreg.module import DipRegModule
 from dipreg.stimuli import load_pairs
 
-__all__ = ["TRAIN_DONE", "limited_pairs", "train_arm"]
+__all__ = ["RECIPE_FILE", "TRAIN_DONE", "ArmRun", "arm_cli_args", "build_arm_run", "limited_pairs", "train_arm"]
 
 #: The file that marks a finished training run.
 TRAIN_DONE = "train.json"
+#: The recipe an arm was trained with (λ applied), as given to the LightningCLI before the arms' overrides.
+RECIPE_FILE = "recipe.yaml"
+
+
+class ArmRun(NamedTuple):
+    """One arm × seed, instantiated and ready to fit."""
+
+    module: DipRegModule
+    data: PairDataModule
+    trainer: pl.Trainer
+    monitor: DipMonitor
+    retention: CompressionRetention
 
 
 def limited_pairs(name: str, limit: int | None) -> list:
@@ -35,24 +55,66 @@ def limited_pairs(name: str, limit: int | None) -> list:
     return pairs if limit is None else pairs[:limit]
 
 
-def train_arm(
-    arm: ArmSpec, seed: int, settings: ArmsSettings, run_dir: Path, *, model_name: str | None = None
-) -> dict[str, Any]:
-    """Train ``arm`` with ``seed`` into ``run_dir`` and return the contents of ``train.json``."""
+def arm_cli_args(
+    recipe_file: Path, seed: int, settings: ArmsSettings, run_dir: Path, model_name: str | None
+) -> list[str]:
+    """The LightningCLI arguments of one arm × seed: the recipe first, then what the arms runner fixes.
+
+    Everything not listed here (``trainer.gradient_clip_val``, ``trainer.log_every_n_steps``, ``heldout.*``, ...)
+    comes from the recipe exactly as in `dipreg fit`. The base model is always the run's ``model_name`` (``None``:
+    the embedded default), the one the evaluation stage loads the adapter into.
+    """
+    logger = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        # run_dir/tb is the log dir: the adapter, dip_history.json and heldout.json land there
+        "init_args": {"save_dir": str(run_dir), "name": "tb", "version": ""},
+    }
+    args = [
+        "--config",
+        str(recipe_file),
+        "--seed_everything",
+        str(seed),
+        "--model.model_name",
+        "null" if model_name is None else model_name,
+        "--data.prompt",
+        settings.prompt,
+        "--trainer.logger",
+        json.dumps(logger),
+        "--trainer.enable_checkpointing",
+        "false",  # the one checkpoint is written by train_arm, which also triggers the retention eval
+        "--trainer.enable_progress_bar",
+        "false",  # the arms runner shows one progress bar for the whole run
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",  # held-out evaluation is the arms' own eval stage
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--trainer.devices",
+        "1",
+        "--trainer.default_root_dir",
+        str(run_dir),
+    ]
+    if settings.max_steps is not None:
+        args += ["--trainer.max_steps", str(settings.max_steps)]
+    if settings.batch_size is not None:
+        args += ["--data.batch_size", str(settings.batch_size)]
+    if settings.heldout_sets is not None:
+        args += ["--heldout.sets", json.dumps([s.strip() for s in settings.heldout_sets.split(",") if s.strip()])]
+    return args
+
+
+def build_arm_run(
+    arm: ArmSpec, seed: int, settings: ArmsSettings, run_dir: Path, model_name: str | None = None
+) -> ArmRun:
+    """Instantiate ``arm`` × ``seed`` through the `dipreg fit` LightningCLI without fitting.
+
+    Writes the arm's recipe (λ applied) to ``run_dir/recipe.yaml`` and parses it with the arms' overrides
+    (:func:`arm_cli_args`); DipMonitor and CompressionRetention are added to the recipe's callbacks.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
-    config = arm.recipe_config()
-    pl.seed_everything(seed, verbose=False)
-    model_cfg = dict(config["model"])
-    aux = instantiate_losses(model_cfg.pop("aux_losses", []))
-    model_cfg["model_name"] = model_name
-    module = DipRegModule(**model_cfg, aux_losses=aux)
-    data_cfg = dict(config["data"])
-    data = PairDataModule(
-        train=data_cfg["train"],
-        val=data_cfg.get("val"),
-        batch_size=settings.batch_size or data_cfg["batch_size"],
-        prompt=settings.prompt,
-    )
+    recipe_file = run_dir / RECIPE_FILE
+    recipe_file.write_text(yaml.safe_dump(arm.recipe_config(), sort_keys=False))
     monitor = DipMonitor(
         limited_pairs(settings.monitor_pairs, settings.monitor_limit),
         every_n_steps=settings.monitor_every,
@@ -68,20 +130,19 @@ def train_arm(
         prompt=settings.prompt,
         batch_size=settings.batch_eval,
     )
-    max_steps = settings.max_steps or config["trainer"]["max_steps"]
-    trainer = pl.Trainer(
-        max_steps=max_steps,
-        logger=TensorBoardLogger(str(run_dir), name="tb", version=""),
-        callbacks=[monitor, retention],
-        enable_checkpointing=False,  # the one checkpoint is written below, which also triggers the retention eval
-        enable_progress_bar=False,  # the arms runner shows one progress bar for the whole run
-        enable_model_summary=False,
-        limit_val_batches=0,  # held-out evaluation is the arms' own eval stage
-        num_sanity_val_steps=0,
-        log_every_n_steps=5,
-        default_root_dir=str(run_dir),
-        devices=1,
+    cli = build_cli(
+        arm_cli_args(recipe_file, seed, settings, run_dir, model_name),
+        run=False,
+        trainer_defaults={"callbacks": [monitor, retention]},  # no RichProgressBar: the bar is off here
     )
+    return ArmRun(cli.model, cli.datamodule, cli.trainer, monitor, retention)
+
+
+def train_arm(
+    arm: ArmSpec, seed: int, settings: ArmsSettings, run_dir: Path, *, model_name: str | None = None
+) -> dict[str, Any]:
+    """Train ``arm`` with ``seed`` into ``run_dir`` and return the contents of ``train.json``."""
+    module, data, trainer, monitor, retention = build_arm_run(arm, seed, settings, run_dir, model_name)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

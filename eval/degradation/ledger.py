@@ -2,6 +2,8 @@
 
 A ledger copies only the weights it overwrites, keeps replaced modules by reference (no copy) and removes its
 hooks, so :meth:`Ledger.restore` brings the model back bit-exactly. It never deep-copies a model.
+:meth:`Ledger.unrestored` checks the restore cheaply: a digest of every overwritten weight's original bytes against
+its bytes now, the original module back in each replaced slot, each hook gone.
 """
 
 from __future__ import annotations
@@ -13,6 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """SHA-256 over the dtype, shape and raw bytes of one tensor (bit-exact: ``-0.0`` and NaN payloads count)."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}|{tuple(data.shape)}|".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
@@ -27,13 +37,18 @@ class Ledger:
     backup_bytes: int = 0
     new_bytes: int = 0
     _undo: list[Callable[[], None]] = field(default_factory=list)
+    _weights: list[tuple[Tensor, str]] = field(default_factory=list)
+    _modules: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
+    _hooks: list[RemovableHandle] = field(default_factory=list)
 
     def overwrite(self, param: Tensor, value: Tensor) -> None:
-        """Copy ``param`` aside, then write ``value`` into it in place (the Parameter object is kept)."""
+        """Copy ``param`` aside (and record a digest of its original bytes), then write ``value`` into it in place
+        (the Parameter object is kept)."""
         if value.shape != param.shape:
             raise ValueError(f"cannot overwrite a {tuple(param.shape)} weight with a {tuple(value.shape)} value")
         backup = param.detach().clone()
         self.backup_bytes += backup.nbytes
+        self._weights.append((param, tensor_digest(backup)))
         with torch.no_grad():
             param.copy_(value)
 
@@ -48,16 +63,47 @@ class Ledger:
         old = parent._modules[name]
         self.new_bytes += sum(p.nbytes for p in new.parameters())
         setattr(parent, name, new)
+        self._modules.append((parent, name, old))
         self._undo.append(lambda: setattr(parent, name, old))
 
     def hook(self, handle: RemovableHandle) -> None:
         """Remove ``handle`` on restore."""
+        self._hooks.append(handle)
         self._undo.append(handle.remove)
 
     def restore(self) -> None:
         """Undo every recorded change, last first."""
         while self._undo:
             self._undo.pop()()
+
+    def unrestored(self, model: nn.Module | None = None) -> list[str]:
+        """What a :meth:`restore` left changed, as short descriptions (empty when everything is back).
+
+        Cheap: it hashes only the weights this ledger overwrote (their original bytes were hashed when they were
+        backed up), checks that every replaced module is back in its slot and that every hook is gone. With
+        ``model``, it also checks that each overwritten weight still belongs to ``model`` (a body that swapped a
+        module or a Parameter would leave the restored tensor outside the model). Weights are named by their
+        name in ``model`` when given.
+        """
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)} if model is not None else {}
+
+        def label(tensor: Tensor, index: int) -> str:
+            return names.get(id(tensor), f"overwritten weight #{index} {tuple(tensor.shape)}")
+
+        problems = []
+        for index, (param, original) in enumerate(self._weights):
+            if model is not None and id(param) not in names:
+                problems.append(f"{label(param, index)} is no longer a parameter of the model")
+            elif tensor_digest(param) != original:
+                problems.append(f"{label(param, index)} differs from its original bytes")
+        for parent, name, old in self._modules:
+            if parent._modules.get(name) is not old:
+                problems.append(f"module {type(parent).__name__}.{name} is not the original module")
+        for handle in self._hooks:
+            hooks = handle.hooks_dict_ref()
+            if hooks is not None and handle.id in hooks:
+                problems.append(f"forward hook #{handle.id} is still installed")
+        return problems
 
 
 def state_checksum(model: nn.Module) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,25 @@ DEFAULT_OPS = "late_svd:rank=64,mid_svd:rank=64,rtn:bits=3,late_drop,mid_prune,d
 
 
 class DegradeError(ValueError):
-    """Bad operator name or parameters."""
+    """Bad operator name or parameters, or ``degrade`` contexts of one model exited out of order."""
+
+
+class RestoreError(RuntimeError):
+    """Leaving a ``degrade`` context did not bring back what the operator changed; the message names the operator."""
+
+
+@dataclass(eq=False)
+class _Active:
+    """One entered ``degrade`` context: its label, its undo log, and who restored it if not itself."""
+
+    label: str
+    ledger: Ledger
+    restored_by: str | None = None
+
+
+#: The ``degrade`` contexts in force on each model, oldest first, keyed by the unwrapped causal LM (so that a
+#: PEFT wrapper and its base model share one stack).
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, list[_Active]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -330,12 +349,23 @@ def degrade(model: nn.Module, op: str, *, verify: bool = False, **params: Any) -
     weights an operator changes are copied (quantization, SVD); pruning swaps in smaller modules and keeps the
     originals by reference; block dropping and deprivation use forward hooks and copy nothing.
 
+    Every exit checks the restore cheaply (:meth:`Ledger.unrestored`: a digest of the original bytes of each weight
+    the operator overwrote against its bytes now, each replaced module back, each hook gone; never the whole model)
+    and raises :class:`RestoreError` (a ``RuntimeError``) naming the operator and the first weights that differ,
+    e.g. when the body changed a weight's dtype or replaced a module the operator had touched.
+
+    Contexts on one model must be exited in reverse order of entry (nested ``with`` blocks, ``ExitStack``). Exiting
+    one while a context entered after it is still open (enter A, enter B, exit A) restores both, newest first, so the
+    model is back to its state before A, and raises :class:`DegradeError` naming both operators; B's own exit later
+    does nothing more (its changes are already undone). A model is never left silently changed.
+
     Args:
         model: the live model.
         op: an operator name from :data:`OPERATORS`.
-        verify: prove the restore: hash every parameter and buffer (:func:`state_checksum`) before applying the
-            operator and again after restoring it, and raise ``RuntimeError`` naming the operator when they differ.
-            Checked when the body completes (an exception from the body propagates as it is, after the restore).
+        verify: also prove the restore of the whole model: hash every parameter and buffer (:func:`state_checksum`)
+            before applying the operator and again after restoring it, and raise ``RuntimeError`` naming the operator
+            when they differ. Checked when the body completes (an exception from the body propagates as it is, after
+            the restore).
         **params: operator parameters (see README "Degradations" for every default).
 
     Yields:
@@ -354,13 +384,61 @@ def degrade(model: nn.Module, op: str, *, verify: bool = False, **params: Any) -
     ledger = Ledger()
     apply_params = {k: v for k, v in merged.items() if k not in ("start", "end")}
     checksum = state_checksum(model) if verify else None
+    entry = _Active(op_label(op, params), ledger)
+    stack = _ACTIVE.setdefault(adapter.causal_lm, [])
+    stack.append(entry)
     try:
         details = operator.apply(adapter, ledger, layers, **apply_params)
         yield DegradeReport(op, merged, layers, ledger.backup_bytes, ledger.new_bytes, details)
     finally:
-        ledger.restore()
-    if checksum is not None:
-        check_restored(model, checksum, op_label(op, params))
+        _leave(model, stack, entry)
+    if checksum is not None and entry.restored_by is None:
+        check_restored(model, checksum, entry.label)
+
+
+def _restore_checked(model: nn.Module, entry: _Active) -> None:
+    """Undo ``entry``'s changes and raise :class:`RestoreError` when the cheap check finds any left."""
+    entry.ledger.restore()
+    problems = entry.ledger.unrestored(model)
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise RestoreError(
+            f"{entry.label} did not restore the model: {'; '.join(problems[:3])}{more}. Something in the body "
+            "changed what the operator had touched (a dtype or device move, a replaced module or weight); "
+            "reload the model before using it."
+        )
+
+
+def _leave(model: nn.Module, stack: list[_Active], entry: _Active) -> None:
+    """Exit ``entry``: restore it when it is the newest context on the model; when newer ones are still open,
+    restore them too (newest first) and raise :class:`DegradeError`. A context already restored that way does
+    nothing."""
+    if entry.restored_by is not None:
+        return
+    index = next(i for i, active in enumerate(stack) if active is entry)
+    newer = stack[index + 1 :]
+    del stack[index:]
+    errors: list[Exception] = []
+    for active in [*reversed(newer), entry]:
+        if active is not entry:
+            active.restored_by = entry.label
+        try:
+            _restore_checked(model, active)
+        except RestoreError as err:  # restore the rest before reporting
+            errors.append(err)
+    if newer:
+        names = ", ".join(repr(active.label) for active in reversed(newer))
+        error = DegradeError(
+            f"degrade contexts exited out of order: {entry.label!r} was exited while {names} (entered after it) "
+            f"{'was' if len(newer) == 1 else 'were'} still open; all {len(newer) + 1} were restored, newest first, "
+            f"so the model is back to its state before {entry.label!r}. Exit degrade contexts in reverse order of "
+            "entry (nest the with blocks)."
+        )
+        if errors:
+            raise error from errors[0]
+        raise error  # an exception from the body stays attached as the context
+    if errors:
+        raise errors[0]
 
 
 # ---------------------------------------------------------------- CLI spec

@@ -94,8 +94,8 @@ def results_table(title: str, intact_acc: float, results: dict[str, dict[str, An
 
 
 def run_degrade(
-    model_name: str | None,
-    pairs_name: str,
+    model_name: str | None = None,
+    pairs_name: str = "core",
     ops: str = DEFAULT_OPS,
     out: str | Path = "runs/degrade",
     *,

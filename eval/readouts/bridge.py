@@ -4,12 +4,15 @@ The semantic dip (max wrong dip of the per-layer semantic DiD) and the label dip
 model. Then every readout runs clean, under each degradation (model restored and checksum-verified after each)
 and under each prompt-level interface intervention on the intact model. Flips of every readout are stratified by
 the intact semantic dip: structural damage should flip high-dip items (late rescue), interventions should not care.
+
+Stages, run in order by :func:`run_bridge`: :func:`measure_intact`, :func:`run_conditions`, :func:`write_report`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from dipreg.eval.readouts.figures import bridge_figure
 from dipreg.eval.readouts.interventions import DEFAULT_INTERVENTIONS, intervene, validate_interventions
 from dipreg.eval.readouts.readout import (
     DEFAULT_READOUTS,
+    Readout,
     ReadoutResult,
     ReadoutSession,
     build_readouts,
@@ -37,7 +41,8 @@ from dipreg.models import load_model
 from dipreg.plots import save_figure
 from dipreg.prompting import PromptFormat
 from dipreg.semantic import score_options
-from dipreg.stimuli import balanced_subset, load_vignettes
+from dipreg.stimuli import Vignette, balanced_subset, load_vignettes
+from dipreg.trajectory import Trajectories
 
 #: The structural operators of the paper's bridge ladder: what `dipreg bridge` runs without --ops.
 DEFAULT_BRIDGE_OPS = "deprive:alpha=0,late_svd:rank=64,mid_prune"
@@ -94,8 +99,204 @@ def results_table(title: str, clean: dict[str, Any], conditions: dict[str, dict[
     return table
 
 
-def run_bridge(
+@dataclass
+class IntactMeasure:
+    """What :func:`measure_intact` read on the intact model; the conditions and the report start from it.
+
+    Attributes:
+        model, tokenizer: the loaded model (never left changed: checksum-verified after every condition).
+        vignettes: the vignettes every condition reads.
+        readouts: the built readouts (judge model included when asked for).
+        prompt: the prompt format every session uses; batch_size: rows per forward pass.
+        checksum: the intact model's state checksum.
+        semantic, label: per-layer semantic and label trajectories of the intact model.
+        predictors: per-vignette intact-model predictors the flips are stratified by.
+        clean: every readout on the intact model.
+        timings: seconds of the dip pass (``dip_s``) and the clean readouts (``clean_s``).
+    """
+
+    model: Any
+    tokenizer: Any
+    vignettes: list[Vignette]
+    readouts: list[Readout]
+    prompt: PromptFormat
+    batch_size: int
+    checksum: str
+    semantic: Trajectories
+    label: Trajectories
+    predictors: dict[str, np.ndarray]
+    clean: dict[str, ReadoutResult]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def session(self) -> ReadoutSession:
+        """A fresh readout session (start one whenever the model changes)."""
+        return ReadoutSession(prompt=self.prompt, batch_size=self.batch_size, progress=True)
+
+
+@dataclass
+class ConditionResults:
+    """What :func:`run_conditions` measured: per degradation (``operators``) and per intervention (``contrast``)."""
+
+    operators: dict[str, dict[str, Any]]
+    contrast: dict[str, dict[str, Any]]
+
+    def readouts(self) -> dict[str, dict[str, Any]]:
+        """Condition label -> readout name -> :func:`condition_result`, degradations first."""
+        return {
+            **{k: v["readouts"] for k, v in self.operators.items()},
+            **{k: v["readouts"] for k, v in self.contrast.items()},
+        }
+
+
+def measure_intact(
     model_name: str | None,
+    vignettes: list[Vignette],
+    readouts: Sequence[str],
+    *,
+    window: tuple[float, float],
+    prompt: str,
+    batch_size: int,
+    max_new_tokens: int,
+    extractive_tokens: int,
+    judge: str | None,
+) -> IntactMeasure:
+    """Stage 1: load the model (and judge), read the semantic and label dips of the intact model and run every
+    readout on it."""
+    model, tokenizer = load_model(model_name)
+    judge_pair = load_model(None if judge == "default" else judge) if judge is not None else None
+    built = build_readouts(
+        readouts, judge=judge_pair, max_new_tokens=max_new_tokens, extractive_tokens=extractive_tokens
+    )
+    prompt_format = PromptFormat(prompt)  # type: ignore[arg-type]
+    checksum = state_checksum(model)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    scores = score_options(model, tokenizer, vignettes, prompt=prompt_format, batch_size=batch_size, progress=True)
+    semantic, label = scores.trajectories("semantic", window), scores.trajectories("label", window)
+    timings["dip_s"] = time.perf_counter() - start
+    predictors = {
+        "semantic_dip": semantic.max_wrong_dip.numpy(),
+        "label_dip": label.max_wrong_dip.numpy(),
+        "semantic_margin": semantic.did[:, -1].abs().numpy(),
+    }
+    start = time.perf_counter()
+    clean_session = ReadoutSession(prompt=prompt_format, batch_size=batch_size, progress=True)
+    clean_session.share_scores(scores)
+    clean = run_readouts(model, tokenizer, vignettes, built, clean_session)
+    timings["clean_s"] = time.perf_counter() - start
+    return IntactMeasure(
+        model=model,
+        tokenizer=tokenizer,
+        vignettes=vignettes,
+        readouts=built,
+        prompt=prompt_format,
+        batch_size=batch_size,
+        checksum=checksum,
+        semantic=semantic,
+        label=label,
+        predictors=predictors,
+        clean=clean,
+        timings=timings,
+    )
+
+
+def run_conditions(
+    intact: IntactMeasure,
+    specs: Sequence[tuple[str, dict[str, Any]]],
+    interventions: Sequence[str],
+    console: Console,
+) -> ConditionResults:
+    """Stage 2: every readout under each degradation (model restored and verified after each) and under each
+    prompt intervention on the intact model; flips against the clean run, stratified by the intact predictors."""
+    model, tokenizer, vignettes, built = intact.model, intact.tokenizer, intact.vignettes, intact.readouts
+    clean, predictors = intact.clean, intact.predictors
+    operators: dict[str, dict[str, Any]] = {}
+    contrast: dict[str, dict[str, Any]] = {}
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("conditions", total=len(specs) + len(interventions))
+        for name, params in specs:
+            label_ = op_label(name, params)
+            bar.update(task, description=f"degrade {label_}")
+            start = time.perf_counter()
+            with degrade(model, name, verify=True, **params) as report:
+                results = run_readouts(model, tokenizer, vignettes, built, intact.session())
+            operators[label_] = {
+                "operator": report.as_dict(),
+                "readouts": {k: condition_result(clean[k], r, predictors) for k, r in results.items()},
+                "seconds": time.perf_counter() - start,
+            }
+            bar.advance(task)
+        for name in interventions:
+            bar.update(task, description=f"intervention {name}")
+            start = time.perf_counter()
+            results = run_readouts(model, tokenizer, intervene(name, vignettes), built, intact.session())
+            contrast[name] = {
+                "readouts": {k: condition_result(clean[k], r, predictors) for k, r in results.items()},
+                "seconds": time.perf_counter() - start,
+            }
+            bar.advance(task)
+    check_restored(model, intact.checksum, "the bridge run")
+    return ConditionResults(operators, contrast)
+
+
+def write_report(
+    intact: IntactMeasure,
+    conditions: ConditionResults,
+    out_dir: Path,
+    settings: dict[str, Any],
+    console: Console,
+) -> dict[str, Any]:
+    """Stage 3: the ``bridge.json`` payload (``settings`` are the run's arguments, recorded as given), the figure
+    ``bridge.png`` and the printed table; returns the payload."""
+    semantic, label, vignettes = intact.semantic, intact.label, intact.vignettes
+    payload: dict[str, Any] = {
+        "model": settings["model"] or "default:SmolLM2-135M-Instruct",
+        "judge": settings["judge"],
+        "pairs": settings["pairs"],
+        "limit": settings["limit"] or None,
+        "num_vignettes": len(vignettes),
+        "num_layers": semantic.num_layers,
+        "window": list(settings["window"]),
+        "prompt": intact.prompt.resolved(intact.tokenizer),
+        "readouts": settings["readouts"],
+        "ops": settings["ops"],
+        "interventions": list(settings["interventions"]),
+        "max_new_tokens": settings["max_new_tokens"],
+        "extractive_tokens": settings["extractive_tokens"],
+        "intact": {
+            "checksum": intact.checksum,
+            "semantic": semantic.summary(),
+            "label": label.summary(),
+            "items": {
+                "id": [v.id for v in vignettes],
+                "family": [v.family for v in vignettes],
+                "subtype": [v.subtype for v in vignettes],
+                "answer_a": [v.answer_a for v in vignettes],
+                "semantic_dip": intact.predictors["semantic_dip"].tolist(),
+                "label_dip": intact.predictors["label_dip"].tolist(),
+                "semantic_did": semantic.did.tolist(),
+                "label_did": label.did.tolist(),
+            },
+        },
+        "clean": {k: {**r.summary(), "items": r.items()} for k, r in intact.clean.items()},
+        "operators": conditions.operators,
+        "interventions_results": conditions.contrast,
+        "restored_checksum_verified": True,
+        "timings": intact.timings,
+    }
+    write_json(out_dir / "bridge.json", payload)
+    save_figure(bridge_figure(payload), out_dir / "bridge.png")
+    title = (
+        f"dipreg bridge — {payload['model']} on {settings['pairs']} (n={len(vignettes)}; flips stratified by the "
+        f"intact semantic dip, mean {semantic.summary()['all']['mean_max_wrong_dip']:.3f})"
+    )
+    console.print(results_table(title, payload["clean"], conditions.readouts()))
+    console.print(f"wrote {out_dir / 'bridge.json'} and {out_dir / 'bridge.png'}")
+    return payload
+
+
+def run_bridge(
+    model_name: str | None = None,
     pairs: str = "vignettes",
     readouts: Sequence[str] = DEFAULT_READOUTS,
     ops: str = DEFAULT_BRIDGE_OPS,
@@ -112,6 +313,9 @@ def run_bridge(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the bridge, write ``bridge.json`` and ``bridge.png`` into ``out``, print the table, return the payload.
+
+    Bad input fails before any model loads; then :func:`measure_intact`, :func:`run_conditions` and
+    :func:`write_report` run in order.
 
     Args:
         model_name: HF name or path; None for the embedded default model.
@@ -134,102 +338,28 @@ def run_bridge(
         raise ValueError("--max-new-tokens and --extractive-tokens must be >= 1.")
     vignettes = balanced_subset(load_vignettes(pairs), limit or None)
     out_dir = prepare_out_dir(out)
-    model, tokenizer = load_model(model_name)
-    judge_pair = load_model(None if judge == "default" else judge) if judge is not None else None
-    built = build_readouts(
-        readouts, judge=judge_pair, max_new_tokens=max_new_tokens, extractive_tokens=extractive_tokens
+    intact = measure_intact(
+        model_name,
+        vignettes,
+        readouts,
+        window=window,
+        prompt=prompt,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        extractive_tokens=extractive_tokens,
+        judge=judge,
     )
-    prompt_format = PromptFormat(prompt)  # type: ignore[arg-type]
-
-    def session() -> ReadoutSession:
-        return ReadoutSession(prompt=prompt_format, batch_size=batch_size, progress=True)
-
-    checksum = state_checksum(model)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    scores = score_options(model, tokenizer, vignettes, prompt=prompt_format, batch_size=batch_size, progress=True)
-    semantic, label = scores.trajectories("semantic", window), scores.trajectories("label", window)
-    timings["dip_s"] = time.perf_counter() - start
-    predictors = {
-        "semantic_dip": semantic.max_wrong_dip.numpy(),
-        "label_dip": label.max_wrong_dip.numpy(),
-        "semantic_margin": semantic.did[:, -1].abs().numpy(),
-    }
-    start = time.perf_counter()
-    clean_session = session()
-    clean_session.share_scores(scores)
-    clean = run_readouts(model, tokenizer, vignettes, built, clean_session)
-    timings["clean_s"] = time.perf_counter() - start
-
-    operators: dict[str, dict[str, Any]] = {}
-    contrast: dict[str, dict[str, Any]] = {}
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("conditions", total=len(specs) + len(interventions))
-        for name, params in specs:
-            label_ = op_label(name, params)
-            bar.update(task, description=f"degrade {label_}")
-            start = time.perf_counter()
-            with degrade(model, name, verify=True, **params) as report:
-                results = run_readouts(model, tokenizer, vignettes, built, session())
-            operators[label_] = {
-                "operator": report.as_dict(),
-                "readouts": {k: condition_result(clean[k], r, predictors) for k, r in results.items()},
-                "seconds": time.perf_counter() - start,
-            }
-            bar.advance(task)
-        for name in interventions:
-            bar.update(task, description=f"intervention {name}")
-            start = time.perf_counter()
-            results = run_readouts(model, tokenizer, intervene(name, vignettes), built, session())
-            contrast[name] = {
-                "readouts": {k: condition_result(clean[k], r, predictors) for k, r in results.items()},
-                "seconds": time.perf_counter() - start,
-            }
-            bar.advance(task)
-    check_restored(model, checksum, "the bridge run")
-
-    payload = {
-        "model": model_name or "default:SmolLM2-135M-Instruct",
+    conditions = run_conditions(intact, specs, interventions, console)
+    settings = {
+        "model": model_name,
         "judge": judge,
         "pairs": pairs,
-        "limit": limit or None,
-        "num_vignettes": len(vignettes),
-        "num_layers": semantic.num_layers,
-        "window": list(window),
-        "prompt": prompt_format.resolved(tokenizer),
+        "limit": limit,
+        "window": window,
         "readouts": readouts,
         "ops": ops,
-        "interventions": list(interventions),
+        "interventions": interventions,
         "max_new_tokens": max_new_tokens,
         "extractive_tokens": extractive_tokens,
-        "intact": {
-            "checksum": checksum,
-            "semantic": semantic.summary(),
-            "label": label.summary(),
-            "items": {
-                "id": [v.id for v in vignettes],
-                "family": [v.family for v in vignettes],
-                "subtype": [v.subtype for v in vignettes],
-                "answer_a": [v.answer_a for v in vignettes],
-                "semantic_dip": predictors["semantic_dip"].tolist(),
-                "label_dip": predictors["label_dip"].tolist(),
-                "semantic_did": semantic.did.tolist(),
-                "label_did": label.did.tolist(),
-            },
-        },
-        "clean": {k: {**r.summary(), "items": r.items()} for k, r in clean.items()},
-        "operators": operators,
-        "interventions_results": contrast,
-        "restored_checksum_verified": True,
-        "timings": timings,
     }
-    write_json(out_dir / "bridge.json", payload)
-    save_figure(bridge_figure(payload), out_dir / "bridge.png")
-    conditions = {**{k: v["readouts"] for k, v in operators.items()}, **{k: v["readouts"] for k, v in contrast.items()}}
-    title = (
-        f"dipreg bridge — {payload['model']} on {pairs} (n={len(vignettes)}; flips stratified by the intact "
-        f"semantic dip, mean {semantic.summary()['all']['mean_max_wrong_dip']:.3f})"
-    )
-    console.print(results_table(title, payload["clean"], conditions))
-    console.print(f"wrote {out_dir / 'bridge.json'} and {out_dir / 'bridge.png'}")
-    return payload
+    return write_report(intact, conditions, out_dir, settings, console)
