@@ -1,4 +1,5 @@
-"""Lightning callbacks that watch the wrong-dip during other people's fine-tunes (installed as dipreg.callbacks).
+"""Lightning callbacks that watch the wrong-dip during other people's fine-tunes (installed as dipreg.callbacks),
+and :class:`TrainingHealth`, which stops a fit whose loss is non-finite or stuck at ``ln V``.
 
 ``dipreg.callbacks.hf.DipMonitorCallback`` is the same monitor for the HF ``Trainer``.
 """
@@ -6,5 +7,13 @@
 from dipreg.callbacks.compression_retention import CompressionRetention
 from dipreg.callbacks.dip_monitor import DipMonitor
 from dipreg.callbacks.probe import DipProbe, MonitorSetupError
+from dipreg.health import TrainingDivergedError, TrainingHealth
 
-__all__ = ["CompressionRetention", "DipMonitor", "DipProbe", "MonitorSetupError"]
+__all__ = [
+    "CompressionRetention",
+    "DipMonitor",
+    "DipProbe",
+    "MonitorSetupError",
+    "TrainingDivergedError",
+    "TrainingHealth",
+]

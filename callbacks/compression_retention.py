@@ -37,7 +37,8 @@ class CompressionRetention(Callback):
         degradations: a `dipreg degrade --ops` spec string or a list of ``(op, params)``.
         on: ``"checkpoint"`` (whenever a checkpoint is saved) or ``"validation_end"``.
         model: where the HF model is (see :class:`~dipreg.callbacks.DipMonitor`).
-        tokenizer: the tokenizer; default ``pl_module.tokenizer``.
+        tokenizer: the tokenizer; found as :class:`~dipreg.callbacks.DipMonitor` finds it when not given
+            (``pl_module.tokenizer``, another tokenizer attribute, or the one saved with the HF model).
         batch_size: contexts per forward.
         window: dip window for the stratification.
         prompt: prompt style for the contexts.
@@ -85,18 +86,18 @@ class CompressionRetention(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Find the model and tokenizer and audit the pairs before the first step."""
-        find_hf_model(pl_module, self.model_getter)
+        tokenizer = self._tokenizer(pl_module, find_hf_model(pl_module, self.model_getter))
         self.pairs = resolve_pairs(self.pairs_spec)
-        audit_single_token(self.pairs, self._tokenizer(pl_module))
+        audit_single_token(self.pairs, tokenizer)
 
-    def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
-        return resolve_tokenizer(self.tokenizer, pl_module, "CompressionRetention")
+    def _tokenizer(self, pl_module: pl.LightningModule, model: Any) -> Any:
+        return resolve_tokenizer(self.tokenizer, pl_module, "CompressionRetention", model)
 
     @torch.no_grad()
     def evaluate(self, pl_module: pl.LightningModule) -> dict[str, float]:
         """Measure the intact model, then each degradation; return the scalars (also usable outside a Trainer)."""
         model = find_hf_model(pl_module, self.model_getter)
-        tokenizer = self._tokenizer(pl_module)
+        tokenizer = self._tokenizer(pl_module, model)
 
         def measure():
             return trajectories(

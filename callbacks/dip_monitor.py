@@ -34,12 +34,14 @@ from dipreg.stimuli import MinimalPair
 class DipMonitor(Callback):
     """Log held-out accuracy, ``max_wrong_dip``, ``commit_layer_frac`` and the late-binding rate per lens.
 
-    Scalars go under ``dip/<lens>/...`` (overall, ``family/<name>/``, ``safety/``) to every logger; with a
-    TensorBoard logger also a histogram of per-item dips and two figures (current mean trajectory per lens,
-    and the history of accuracy vs dip over steps). The probe set is sharded across ranks and reduced with
-    torchmetrics, so distributed runs log the same values as one process. An item whose trajectory is NaN/infinite
-    or exactly 0 at every layer (a diverged model) counts as NaN, so the scalars covering it are logged as NaN
-    (never as a clean-looking 0), and a warning (``rank_zero_warn``) says how many items each lens could not read.
+    Scalars go under ``dip/<lens>/...`` (overall, ``family/<name>/``, and ``safety/`` when the probe set has safety
+    items) to every logger; with a TensorBoard logger also, once per run, a custom-scalars layout (each metric on one
+    chart with every lens, and per lens each metric by family), a histogram of per-item dips and two figures (current
+    mean trajectory per lens, and the history of accuracy vs dip over steps) sized for TensorBoard's image cards.
+    The probe set is sharded across ranks and reduced with torchmetrics, so distributed runs log the same values as
+    one process. An item whose trajectory is NaN/infinite or exactly 0 at every layer (a diverged model) counts as
+    NaN, so the scalars covering it are logged as NaN (never as a clean-looking 0), and a warning
+    (``rank_zero_warn``) says how many items each lens could not read.
 
     Args:
         pairs: probe pairs: a built-in set name, a JSONL path, or a sequence of ``MinimalPair``.
@@ -47,7 +49,10 @@ class DipMonitor(Callback):
         lenses: lens names to read (``"logit"``, ``"causal"``, ``"tuned"``).
         model: where the HF model is: ``None`` (the first ``PreTrainedModel`` submodule), an attribute path,
             or a getter ``fn(pl_module) -> model``.
-        tokenizer: the tokenizer; default ``pl_module.tokenizer``.
+        tokenizer: the tokenizer; default: ``pl_module.tokenizer``, else the first attribute of ``pl_module`` that is
+            a ``PreTrainedTokenizerBase`` (e.g. ``self.tok``), else the tokenizer saved with the HF model
+            (``AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)``); see
+            :func:`~dipreg.callbacks.probe.resolve_tokenizer`.
         on_validation_end: also probe at the end of every validation run.
         batch_size: contexts per probe forward.
         window: relative-depth window of ``max_wrong_dip``.
@@ -110,8 +115,7 @@ class DipMonitor(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Find the model and tokenizer and audit the pairs now, so a misconfiguration never waits for step N."""
-        find_hf_model(pl_module, self.model_getter)
-        tokenizer = self._tokenizer(pl_module)
+        tokenizer = self._tokenizer(pl_module, find_hf_model(pl_module, self.model_getter))
         if self.probe is None:
             self.probe = DipProbe(
                 resolve_pairs(self.pairs_spec),
@@ -125,11 +129,17 @@ class DipMonitor(Callback):
         if not trainer.loggers:
             rank_zero_warn("DipMonitor: the Trainer has no logger; dips go only to the history JSON.")
 
-    def _tokenizer(self, pl_module: pl.LightningModule) -> Any:
-        return resolve_tokenizer(self.tokenizer, pl_module, "DipMonitor")
+    def _tokenizer(self, pl_module: pl.LightningModule, model: Any) -> Any:
+        return resolve_tokenizer(self.tokenizer, pl_module, "DipMonitor", model)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Probe once before the first step (not again on resume)."""
+        """Write the custom-scalars layout (global rank zero), then probe once before the first step (not again on
+        resume)."""
+        if trainer.is_global_zero and self.probe is not None:
+            layout = self.probe.custom_scalars_layout()
+            for logger in trainer.loggers:
+                if hasattr(logger.experiment, "add_custom_scalars"):
+                    logger.experiment.add_custom_scalars(layout)
         if trainer.global_step == 0 and not self.history:
             self._probe(trainer, pl_module)
 
@@ -158,7 +168,8 @@ class DipMonitor(Callback):
         model = find_hf_model(pl_module, self.model_getter)
         index = len(self.history)
         lenses = self.schedule.lenses_for(index)
-        result = self.probe.run(model, self._tokenizer(pl_module), trainer.global_rank, trainer.world_size, lenses)
+        tokenizer = self._tokenizer(pl_module, model)
+        result = self.probe.run(model, tokenizer, trainer.global_rank, trainer.world_size, lenses)
         step = trainer.global_step
         self.last_step = step
         self.history.append({"step": float(step), **result.scalars})

@@ -7,7 +7,6 @@ transformers 4, else ``<output_dir>/runs``) unless ``log_dir`` is given.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from dipreg.artifacts import write_json
 from dipreg.callbacks.figures import history_figure, trajectory_figure
 from dipreg.callbacks.probe import DipProbe, MonitorSetupError, ProbeSchedule, positive_int, resolve_pairs
 from dipreg.metrics import DEFAULT_WINDOW
@@ -24,6 +24,10 @@ from dipreg.stimuli import MinimalPair
 
 class DipMonitorCallback(TrainerCallback):
     """Log ``dip/...`` scalars, a dip histogram and figures every N steps of an HF ``Trainer`` run.
+
+    As :class:`~dipreg.callbacks.DipMonitor`: ``safety/`` scalars only when the probe set has safety items, and a
+    TensorBoard custom-scalars layout written once per run (each metric with every lens on one chart; per lens,
+    each metric by family).
 
     Args:
         pairs: probe pairs (built-in name, JSONL path, or ``MinimalPair`` sequence).
@@ -35,7 +39,8 @@ class DipMonitorCallback(TrainerCallback):
         prompt: prompt style.
         figures_every: log figures and histograms on every k-th probe only (scalars go out every probe).
         causal_every: read the ``"causal"`` lens on every k-th probe only, the other lenses every probe.
-        history_file: JSON history written into ``args.output_dir`` at the end of training.
+        history_file: JSON history written into ``args.output_dir`` at the end of training (strict JSON, non-finite
+            values as ``null``, written atomically by :func:`dipreg.artifacts.write_json`).
         log_dir: TensorBoard folder (default: the Trainer's, see the module docstring).
 
     Example::
@@ -77,10 +82,12 @@ class DipMonitorCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Audit the pairs, open the writer, and probe once before the first step."""
+        """Audit the pairs, open the writer and write the custom-scalars layout, and probe once before the first
+        step."""
         self.probe.check(self._tokenizer(kwargs))
         if state.is_world_process_zero:
             self.writer = SummaryWriter(log_dir=self._log_dir(args))
+            self.writer.add_custom_scalars(self.probe.custom_scalars_layout())
         if state.global_step == 0:
             self._probe(args, state, kwargs)
 
@@ -118,12 +125,11 @@ class DipMonitorCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Write the JSON history and close the writer."""
+        """Write the JSON history (strict JSON: a NaN of a diverged model is ``null``; atomic) and close the writer."""
         if state.is_world_process_zero:
             out = Path(args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            payload = {"lenses": list(self.probe.lenses), "history": self.history}
-            (out / self.history_file).write_text(json.dumps(payload, indent=1))
+            write_json(out / self.history_file, {"lenses": list(self.probe.lenses), "history": self.history})
         if self.writer is not None:
             self.writer.close()
             self.writer = None

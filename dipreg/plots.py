@@ -15,27 +15,59 @@ from matplotlib.figure import Figure
 from dipreg.trajectory import Trajectories
 
 
-def family_trajectory_figure(by_lens: Mapping[str, Trajectories]) -> Figure:
+def family_trajectory_figure(
+    by_lens: Mapping[str, Trajectories],
+    *,
+    stacked: bool = False,
+    panel_size: tuple[float, float] = (5.2, 3.8),
+    fontsize: float | None = None,
+    dpi: float | None = None,
+) -> Figure:
     """One panel per lens: mean DiD per family against relative depth, the wrong side (DiD < 0) shaded,
-    the dip window marked."""
-    fig, axes = plt.subplots(1, len(by_lens), figsize=(5.2 * len(by_lens), 3.8), squeeze=False)
-    for ax, (lens, traj) in zip(axes[0], by_lens.items(), strict=True):
+    the dip window marked.
+
+    Args:
+        by_lens: trajectories per lens name.
+        stacked: panels in one column (a narrow figure, e.g. for a TensorBoard image card) instead of one row, with
+            one legend below them instead of one per panel (every lens has the same families).
+        panel_size: inches per panel.
+        fontsize: axis-label size in points (title +1, ticks −1, legend −2); default matplotlib's, legend 7.
+        dpi: figure resolution; default matplotlib's.
+    """
+    rows, cols = (len(by_lens), 1) if stacked else (1, len(by_lens))
+    figsize = (panel_size[0] * cols, panel_size[1] * rows)
+    legend_size = 7 if fontsize is None else fontsize - 2
+    if stacked:  # room for the shared legend: families plus two shadings, two per row
+        entries = len({p.family for traj in by_lens.values() for p in traj.pairs}) + 2
+        figsize = (figsize[0], figsize[1] + (entries + 1) // 2 * legend_size * 1.5 / 72 + 0.1)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=figsize, squeeze=False, dpi=dpi, layout="constrained" if stacked else None
+    )
+    label = {} if fontsize is None else {"fontsize": fontsize}
+    title = {} if fontsize is None else {"fontsize": fontsize + 1}
+    for ax, (lens, traj) in zip(axes.flat, by_lens.items(), strict=True):
         depth = (traj.did.new_tensor(range(1, traj.num_layers + 1)) / traj.num_layers).numpy()
         families = sorted({p.family for p in traj.pairs})
         for family in families:
-            rows = [i for i, p in enumerate(traj.pairs) if p.family == family]
-            ax.plot(depth, traj.did[rows].mean(0).numpy(), marker=".", label=f"{family} (n={len(rows)})")
+            rows_of = [i for i, p in enumerate(traj.pairs) if p.family == family]
+            ax.plot(depth, traj.did[rows_of].mean(0).numpy(), marker=".", label=f"{family} (n={len(rows_of)})")
         lo, hi = traj.window
         ax.axvspan(lo, hi, color="0.92", zorder=0, label="dip window")
         bottom = min(ax.get_ylim()[0], -0.1)
         ax.axhspan(bottom, 0.0, color="tab:red", alpha=0.08, zorder=0, label="wrong side")
         ax.set_ylim(bottom=bottom)
         ax.axhline(0.0, color="0.3", lw=0.8)
-        ax.set_xlabel("relative depth ℓ/L")
-        ax.set_ylabel("mean DiD(ℓ)")
-        ax.set_title(f"{lens} lens")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.set_xlabel("relative depth ℓ/L", **label)
+        ax.set_ylabel("mean DiD(ℓ)", **label)
+        ax.set_title(f"{lens} lens", **title)
+        if fontsize is not None:
+            ax.tick_params(labelsize=fontsize - 1)
+        if not stacked:
+            ax.legend(fontsize=legend_size)
+    if stacked:
+        fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=legend_size)
+    else:
+        fig.tight_layout()
     return fig
 
 

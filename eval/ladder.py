@@ -25,8 +25,10 @@ from rich.table import Table
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval import stats
 from dipreg.eval.degradation.operators import degrade
+from dipreg.metrics import validate_count
 from dipreg.models import load_model
 from dipreg.plots import save_figure
+from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
 from dipreg.trajectory import trajectories, trajectories_by_lens
 
@@ -129,12 +131,20 @@ def run_ladder(
     neutral_prompt: str | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Measure every model of ``models`` (``BASE:INSTRUCT,...``), write ``ladder.json`` and ``ladder.png``."""
+    """Measure every model of ``models`` (``BASE:INSTRUCT,...``), write ``ladder.json`` and ``ladder.png``.
+
+    Bad options (``models``, batch size, ``limit`` (None = all, else >= 1), prompt style, the pair set) raise
+    before ``out`` is created and before any model loads."""
     console = console or Console()
+    # Every option is checked before the output folder is made and any model loads.
     ladder = parse_ladder(models)
-    out_dir = prepare_out_dir(out)
+    validate_count(batch_size, "--batch-size")
+    if limit is not None:
+        validate_count(limit, "--limit", 1, "omit it for all pairs")
+    PromptFormat(prompt)  # type: ignore[arg-type]  # an unknown style raises here
     pairs = load_pairs(pairs_name)
     pairs = pairs if limit is None else pairs[:limit]
+    out_dir = prepare_out_dir(out)
     names = list(dict.fromkeys(name for pair in ladder for name in pair))
     measured: dict[str, dict[str, Any]] = {}
     with Progress(console=console, transient=True) as bar:

@@ -4,19 +4,32 @@ against the numbers read back from arms.json; a second invocation resumes withou
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import random
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import lightning.pytorch.cli as lightning_cli
 import pytest
 import yaml
+from rich.console import Console
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
+from dipreg import artifacts
 from dipreg.cli import main
+from dipreg.eval.arms import runner as arms_runner
+from dipreg.eval.arms import train as arms_train
+from dipreg.eval.arms.evaluate import parse_conditions
 from dipreg.eval.arms.plan import ArmSpec, ArmsSettings, build_arms
 from dipreg.eval.arms.report import _ms
+from dipreg.eval.arms.runner import EVAL_DONE
 from dipreg.eval.arms.stats import mean_sd, per_seed_mcnemar
-from dipreg.eval.arms.train import RECIPE_FILE, build_arm_run
+from dipreg.eval.arms.train import RECIPE_FILE, TRAIN_DONE, ArmRun, build_arm_run
 from dipreg.heldout import HeldOutEval
 from dipreg.losses import WrongMarginHinge
 from dipreg.recipes import RECIPES, load_recipe, recipe_path
@@ -159,4 +172,172 @@ def test_quick_arms_run_reports_every_arm_from_arms_json_and_resumes(tmp_path, c
     assert again["timings_this_invocation_s"] == {}
     assert again["tables"] == tables
     assert main(["arms", "--quick", "--seeds", "0,1", "--steps", "3", "--out", str(out)]) == 2
-    assert "different settings" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
+    assert "different settings" in err and "max_steps: 4 → 3" in err
+
+
+# -- resuming: markers, damaged markers, interrupted units (fast fakes for training and evaluation) ------------
+#
+# The fakes replace only what needs a model: `build_arm_run` (the real `train_arm` still runs: it fits the fake
+# trainer, writes retention.json and then train.json through `write_json`) and the runner's `_eval_run` (the real
+# evaluate stage writes eval.json). The fake fit writes one real TensorBoard events file and an adapter folder, as a
+# real fit does. What the fakes cannot exercise: Lightning's own files and a real adapter/evaluation (the
+# integration test above resumes a real --quick run).
+
+
+class FakeArms:
+    """Counts fits and evaluations; installs the fakes with ``monkeypatch``."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.fits: list[tuple[str, int]] = []
+        self.evals: list[str] = []
+        monkeypatch.setattr(arms_train, "build_arm_run", self.build_arm_run)
+        monkeypatch.setattr(arms_runner, "_eval_run", self.eval_run)
+
+    def build_arm_run(self, arm, seed, settings, run_dir, model_name=None):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tb = run_dir / "tb"
+
+        def fit(module, data):
+            self.fits.append((arm.name, seed))
+            writer = SummaryWriter(str(tb))
+            writer.add_scalar("train/loss", 1.0, 1)
+            writer.close()
+            (tb / "adapter").mkdir(parents=True, exist_ok=True)
+            (tb / "adapter" / "adapter_config.json").write_text("{}")
+
+        history = [
+            {"step": float(step), "dip/logit/accuracy": 0.5 + 0.1 * step, "dip/logit/max_wrong_dip": 0.3 - 0.05 * step}
+            | {"dip/causal/max_wrong_dip": 0.4}
+            for step in (0, 2, 4)
+        ]
+        module = SimpleNamespace(adapter_dir=lambda: tb / "adapter")
+        trainer = SimpleNamespace(
+            fit=fit, save_checkpoint=lambda path: Path(path).write_bytes(b"ckpt"), global_step=4, callback_metrics={}
+        )
+        return ArmRun(module, None, trainer, SimpleNamespace(history=history), SimpleNamespace(history=[]))
+
+    def eval_run(self, model_name, adapter, pairs, settings, describe):
+        self.evals.append("untrained" if adapter is None else f"{adapter.parents[2].name}/{adapter.parents[1].name}")
+        rng = random.Random(len(self.evals))
+        clean = [rng.random() < 0.7 for _ in pairs]
+        conditions = {}
+        for label, _name, _params in parse_conditions(settings.conditions):
+            correct = clean if label == "clean" else [c and rng.random() < 0.8 for c in clean]
+            flips = sum(a and not b for a, b in zip(clean, correct, strict=True))
+            conditions[label] = {
+                "accuracy": sum(correct) / len(correct),
+                "n_flips": flips,
+                "flip_rate": flips / max(sum(clean), 1),
+                "correct": correct,
+            }
+        lens = {"n": len(pairs), "accuracy": 0.7, "mean_max_wrong_dip": 0.2, "mean_commit_layer_frac": 0.5}
+        return {
+            "n": len(pairs),
+            "ids": [p.id for p in pairs],
+            "checksum": "fake",
+            "summary": {"logit": lens, "causal": lens},
+            "items": {
+                "logit_dip": [0.1] * len(pairs),
+                "causal_dip": [0.2] * len(pairs),
+                "final_did": [1.0] * len(pairs),
+            },
+            "conditions": conditions,
+            "fragility": 0.1,
+            "nll": 2.5,
+        }
+
+
+def _run_fake_arms(out, **overrides):
+    console = Console(file=io.StringIO(), width=400)
+    result = arms_runner.run_arms(
+        None, ["output_only", "late_only"], seeds=[0], quick=True, out=out, console=console, **overrides
+    )
+    return result, console.file.getvalue()
+
+
+def _events(run_dir):
+    return sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+
+
+def test_a_unit_killed_between_the_temp_write_and_the_rename_of_its_marker_reruns_alone(tmp_path, monkeypatch):
+    fake = FakeArms(monkeypatch)
+    out = tmp_path / "arms"
+    late = out / "runs" / "late_only" / "seed0"
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if Path(dst) == late / TRAIN_DONE:
+            raise OSError("injected: killed between the temp write and os.replace")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", killed)
+    with pytest.raises(OSError, match="injected"):
+        _run_fake_arms(out)
+    monkeypatch.setattr(artifacts.os, "replace", real_replace)
+    assert fake.fits == [("output_only", 0), ("late_only", 0)]
+    assert not (late / TRAIN_DONE).exists() and not list(late.glob(".*.tmp")), "no marker, no temporary file"
+    assert len(_events(late)) == 1  # the killed attempt left its events file behind
+
+    fake.fits.clear()
+    result, _ = _run_fake_arms(out)
+    assert fake.fits == [("late_only", 0)], "only the unit without a marker trains again"
+    assert len(_events(late)) == 1, "the rerun unit starts from a clean run folder: one events file"
+    assert len(_events(out / "runs" / "output_only" / "seed0")) == 1
+    assert sorted(fake.evals) == ["late_only/seed0", "output_only/seed0", "untrained"]
+    assert [row["arm"] for row in result["tables"]["table3"]] == ["untrained", "output_only", "late_only"]
+    assert json.loads((late / TRAIN_DONE).read_text())["steps"] == 4
+
+
+def test_a_damaged_marker_is_named_and_its_unit_reruns(tmp_path, monkeypatch):
+    fake = FakeArms(monkeypatch)
+    out = tmp_path / "arms"
+    first, _ = _run_fake_arms(out)
+    unit = out / "runs" / "output_only" / "seed0"
+    train_json = unit / TRAIN_DONE
+    train_json.write_bytes(train_json.read_bytes()[: train_json.stat().st_size // 2])  # truncated
+    untrained_eval = out / "runs" / "untrained" / EVAL_DONE
+    untrained_eval.write_text("not json at all")
+    fake.fits.clear()
+    fake.evals.clear()
+
+    result, printed = _run_fake_arms(out)
+    printed = " ".join(printed.split())
+    assert (
+        f"{train_json} is not a complete JSON record" in printed and "training output_only seed 0 runs again" in printed
+    )
+    assert f"{untrained_eval} is not a complete JSON record" in printed
+    assert "the evaluation of untrained runs again" in printed
+    assert fake.fits == [("output_only", 0)]
+    assert sorted(fake.evals) == ["output_only/seed0", "untrained"], "its stale eval.json went with its run folder"
+    assert len(_events(unit)) == 1
+    assert json.loads(train_json.read_text())["arm"] == "output_only"
+    assert [row["arm"] for row in result["tables"]["table3"]] == [row["arm"] for row in first["tables"]["table3"]]
+
+
+def test_a_marker_missing_a_field_or_its_adapter_is_not_finished(tmp_path, monkeypatch):
+    fake = FakeArms(monkeypatch)
+    out = tmp_path / "arms"
+    _run_fake_arms(out)
+    late = out / "runs" / "late_only" / "seed0"
+    (late / "retention.json").write_text('{"ops": "mid_svd:rank=64"}')  # no history
+    shutil.rmtree(out / "runs" / "output_only" / "seed0" / "tb" / "adapter")
+    fake.fits.clear()
+    _, printed = _run_fake_arms(out)
+    printed = " ".join(printed.split())
+    assert f"{late / 'retention.json'} lacks the field(s) history" in printed
+    assert "names the adapter" in printed and "which is missing" in printed
+    assert sorted(fake.fits) == [("late_only", 0), ("output_only", 0)]
+
+
+def test_resuming_with_other_settings_names_each_changed_field(tmp_path, monkeypatch):
+    FakeArms(monkeypatch)
+    out = tmp_path / "arms"
+    _run_fake_arms(out)
+    with pytest.raises(ValueError) as info:
+        _run_fake_arms(out, monitor_every=3, eval_pairs="comp_strict")
+    message = str(info.value)
+    assert f"{out} holds an arms run with different settings ({out / 'arms_config.json'})" in message
+    assert 'monitor_every: 2 → 3; eval_pairs: "strict240" → "comp_strict"' in message
+    assert "max_steps" not in message and "pass a new --out" in message
+    _run_fake_arms(out)  # the same settings still resume

@@ -11,6 +11,7 @@ import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,10 +21,11 @@ from torch.utils.data import DataLoader
 
 from dipreg import artifacts
 from dipreg.artifacts import write_json
-from dipreg.callbacks import DipMonitor
+from dipreg.callbacks import DipMonitor, TrainingDivergedError, TrainingHealth
 from dipreg.cli import main
 from dipreg.data import PairDataModule
 from dipreg.eval import DegradeError, degrade
+from dipreg.eval.arms.plan import ArmsSettings
 from dipreg.eval.degradation.operators import RestoreError
 from dipreg.lenses.tuned import TunedLens, TunedLensFileError
 from dipreg.module import CheckpointMismatchError, DipRegModule
@@ -302,6 +304,145 @@ def body_changes_dtype(env: Env) -> None:
         model.half()
 
 
+# -- training health ---------------------------------------------------------------------------------------
+
+
+def fit_with_health(env: Env, module: pl.LightningModule, data: Any, **health: Any) -> None:
+    """Fit up to 30 steps with only :class:`TrainingHealth` attached."""
+    trainer = pl.Trainer(
+        default_root_dir=env.tmp,
+        max_steps=30,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[TrainingHealth(**health)],
+    )
+    trainer.fit(module, data)
+
+
+def nan_loss_fit(env: Env, **health: Any) -> None:
+    data = DataLoader(list(torch.randint(2, 40, (4, 12), generator=torch.Generator().manual_seed(0))))
+    fit_with_health(env, NaNStepModule(env.tokenizer), data, **health)
+
+
+def pinned_loss_fit(env: Env) -> None:
+    """lr=1e9: the final norm reads zeros, every logit is equal and the loss is pinned at ln 64."""
+    data = PairDataModule(train=str(env.pairs_file), val=[str(env.pairs_file)], batch_size=4, prompt="raw")
+    fit_with_health(env, tiny_module(env, lr=1e9), data, diverged_steps=3)
+
+
+# -- commands: every option is checked before the output folder is made and the model loads -------------------
+
+
+def refused_before_loading(command: str, *options: str | Callable[[Env], str]) -> Callable[[Env], int]:
+    """``dipreg COMMAND --model /nonexistent OPTIONS --out OUT``: the exit code. The bad option must be refused
+    first (else the missing model would be the error) and OUT must not exist afterwards. An option given as a
+    function of the environment is a file it writes (its path is passed)."""
+
+    def run(env: Env) -> int:
+        out = env.tmp / "out"
+        model = (
+            ["--models", "/nonexistent:/nonexistent-instruct"] if command == "ladder" else ["--model", "/nonexistent"]
+        )
+        argv = [*command.split(), *model, *(o(env) if callable(o) else o for o in options), "--out", str(out)]
+        code = main(argv)
+        assert not out.exists(), f"{out} was created by a command whose options were refused"
+        return code
+
+    return run
+
+
+def missing_file(name: str) -> Callable[[Env], str]:
+    return lambda env: str(env.tmp / name)
+
+
+def text_file(name: str, data: bytes) -> Callable[[Env], str]:
+    def make(env: Env) -> str:
+        (env.tmp / name).write_bytes(data)
+        return str(env.tmp / name)
+
+    return make
+
+
+# -- dipreg fit: recipes, config files and step limits ----------------------------------------------------------
+
+
+def fit_config(data: bytes, *flags: str, option: str = "--config") -> Callable[[Env], int]:
+    """``dipreg fit --config bad-recipe.yaml FLAGS`` (relative to the row's folder, so messages are stable)."""
+
+    def run(env: Env) -> int:
+        env.monkeypatch.chdir(env.tmp)
+        (env.tmp / "bad-recipe.yaml").write_bytes(data)
+        return main(["fit", option, "bad-recipe.yaml", "--model", "/nonexistent", *flags])
+
+    return run
+
+
+def fit_flags(*flags: str) -> Callable[[Env], int]:
+    """``dipreg fit --recipe output_only --model /nonexistent FLAGS``: a refused flag comes before the model."""
+
+    def run(env: Env) -> int:
+        root = env.tmp / "fit"
+        return main(
+            [
+                "fit",
+                "--recipe",
+                "output_only",
+                "--model",
+                "/nonexistent",
+                *flags,
+                "--trainer.default_root_dir",
+                str(root),
+            ]
+        )
+
+    return run
+
+
+# -- dipreg arms: the settings record of a resumed run ----------------------------------------------------------
+
+
+def arms_resume(config_text: str | Callable[[], dict[str, Any]], *flags: str) -> Callable[[Env], int]:
+    """``dipreg arms --quick FLAGS`` into a folder whose ``arms_config.json`` is ``config_text`` (or the JSON of
+    ``config_text()``): refused before any model loads."""
+
+    def run(env: Env) -> int:
+        out = env.tmp / "arms"
+        out.mkdir()
+        text = config_text if isinstance(config_text, str) else json.dumps(config_text())
+        (out / "arms_config.json").write_text(text)
+        return main(["arms", "--quick", "--model", "/nonexistent", *flags, "--out", str(out)])
+
+    return run
+
+
+def quick_config() -> dict[str, Any]:
+    """The ``arms_config.json`` of ``dipreg arms --quick --model /nonexistent``."""
+    return {"model": "/nonexistent", "quick": True, "settings": ArmsSettings.quick().as_dict()}
+
+
+# -- the HF Trainer callback's history ------------------------------------------------------------------------
+
+
+def hf_history_with_nan(env: Env) -> str:
+    """End an HF run whose probe history holds a NaN (a diverged model): the history file must be strict JSON."""
+    from dipreg.callbacks.hf import DipMonitorCallback
+
+    monitor = DipMonitorCallback(env.tiny_pairs, tokenizer=env.tokenizer, lenses=("logit",))
+    monitor.history = [
+        {"step": 0.0, "dip/logit/max_wrong_dip": 0.5},
+        {"step": 1.0, "dip/logit/max_wrong_dip": math.nan},
+    ]
+    args = SimpleNamespace(output_dir=str(env.tmp / "hf"))
+    monitor.on_train_end(args, SimpleNamespace(is_world_process_zero=True), SimpleNamespace())
+    text = (env.tmp / "hf" / "dip_history.json").read_text()
+    strict_json(text)
+    return text
+
+
 # -- the table -----------------------------------------------------------------------------------------------
 
 
@@ -397,6 +538,94 @@ ROWS = [
     Row("module-layers-true", lambda env: tiny_module(env, layers=True), ValueError, "layers must be 'all' or a"),
     Row("module-empty-targets", lambda env: tiny_module(env, target_modules=[]), ValueError,
         "target_modules must be None (the architecture's defaults) or a non-empty list"),
+    # 7. training health: a fit whose loss is NaN or pinned at ln V stops with the step named
+    Row("health-nan-loss", lambda env: nan_loss_fit(env, diverged_steps=None), TrainingDivergedError,
+        "Training stopped at optimizer step 1 (epoch 0, batch 0): the training loss is nan"),
+    Row("health-loss-pinned-at-ln-v", pinned_loss_fit, TrainingDivergedError,
+        "Training stopped at optimizer step 3: the training loss has been >= ln V = ln(64) = 4.1589 (the loss of a "
+        "uniform guess over the vocabulary) for 3 consecutive steps (1..3; last loss 4.1589) with lr=1e+09"),
+    Row("health-no-vocabulary-size", nan_loss_fit, ValueError,
+        "TrainingHealth: cannot read the vocabulary size of NaNStepModule (no model.config.vocab_size); pass "
+        "vocab_size=V, or diverged_steps=None"),
+    Row("health-diverged-steps-zero", fit_flags("--health.diverged_steps", "0"), 2,
+        "diverged_steps (--health.diverged_steps) must be an integer >= 1 or None (rule off), got 0"),
+    # 8. dipreg fit: step limits and config files, refused before the model loads
+    Row("fit-max-steps-minus-one-without-max-epochs", fit_flags("--trainer.max_steps", "-1"), 2,
+        "trainer.max_steps=-1 (--trainer.max_steps) means no step limit, so trainer.max_epochs decides when training "
+        "ends, and it is not set (Lightning would run 1000 epochs): give --trainer.max_epochs N as well"),
+    Row("fit-max-steps-below-minus-one", fit_flags("--trainer.max_steps", "-5"), 2,
+        "trainer.max_steps=-5 (--trainer.max_steps): must be a number of optimizer steps >= 0, or -1"),
+    Row("fit-config-truncated", fit_config(b"trainer:\n  max_steps: 5\nmodel:\n  lr: [0.1, "), 2,
+        "Config file bad-recipe.yaml: not valid YAML (expected the node content, but found '<stream end>' at line 4"),
+    Row("fit-config-garbage-bytes", fit_config(random.Random(0).randbytes(300)), 2,
+        "Config file bad-recipe.yaml: not UTF-8 text (byte 0: 0xcd)"),
+    Row("fit-config-control-character", fit_config(b"trainer:\n  max_steps: 5\x00\n"), 2,
+        "Config file bad-recipe.yaml: not valid YAML (character #x0000 at offset 23: special characters are not "
+        "allowed)"),
+    Row("fit-config-not-a-mapping", fit_config(b"- trainer\n- model\n"), 2,
+        "Config file bad-recipe.yaml holds a YAML list, not a mapping"),
+    Row("fit-config-unknown-option", fit_config(b"trainer:\n  max_stepz: 5\n"), 2,
+        "does not accept option 'trainer.max_stepz' (options read from the config file bad-recipe.yaml and then "
+        "the flags)"),
+    Row("fit-recipe-file-not-yaml", fit_config(b"model: {lr: 0.1\n", option="--recipe"), 2,
+        "Config file bad-recipe.yaml: not valid YAML ("),
+    # 9. every command checks its options before it makes --out and loads the model (here: /nonexistent)
+    Row("opts-audit-window", refused_before_loading("audit", "--window", "0.9,0.1"), 2,
+        "--window=(0.9, 0.1) must satisfy 0 <= lo <= hi <= 1"),
+    Row("opts-audit-batch-size", refused_before_loading("audit", "--batch-size", "0"), 2,
+        "--batch-size must be an integer >= 1, got 0"),
+    Row("opts-audit-unknown-lens", refused_before_loading("audit", "--lens", "logit,bogus"), 2,
+        "--lens: unknown lens(es) 'bogus'; choose from: logit, causal, tuned"),
+    Row("opts-audit-missing-tuned-lens",
+        refused_before_loading("audit", "--lens", "tuned", "--tuned-lens", missing_file("no-lens")), 2,
+        "no-lens. Train one with `dipreg tuned-lens train --corpus out-of-domain`"),
+    Row("opts-audit-missing-pairs-file", refused_before_loading("audit", "--pairs", missing_file("nope.jsonl")), 2,
+        "nope.jsonl' does not exist"),
+    Row("opts-degrade-ops", refused_before_loading("degrade", "--ops", "late_svd:rank=0"), 2,
+        "late_svd: rank=0 must be a positive integer"),
+    Row("opts-degrade-window", refused_before_loading("degrade", "--window", "0.5,1.5"), 2,
+        "--window=(0.5, 1.5) must satisfy"),
+    Row("opts-bridge-batch-size", refused_before_loading("bridge", "--batch-size", "0"), 2,
+        "--batch-size must be an integer >= 1, got 0"),
+    Row("opts-bridge-window", refused_before_loading("bridge", "--window", "0.9,0.1"), 2,
+        "--window=(0.9, 0.1) must satisfy"),
+    Row("opts-bridge-interventions", refused_before_loading("bridge", "--interventions", "shout"), 2, "shout"),
+    Row("opts-bench-batch-size", refused_before_loading("bench", "--batch-size", "0"), 2,
+        "--batch-size must be an integer >= 1, got 0"),
+    Row("opts-bench-missing-pairs-file", refused_before_loading("bench", "--pairs", missing_file("nope.jsonl")), 2,
+        "nope.jsonl' does not exist"),
+    Row("opts-ladder-limit-zero", refused_before_loading("ladder", "--limit", "0"), 2,
+        "--limit must be an integer >= 1 (omit it for all pairs), got 0"),
+    Row("opts-ladder-batch-size", refused_before_loading("ladder", "--batch-size", "-2"), 2,
+        "--batch-size must be an integer >= 1, got -2"),
+    Row("opts-arms-steps-zero", refused_before_loading("arms", "--quick", "--steps", "0"), 2,
+        "max_steps (--steps) must be an integer >= 1 (or unset), got 0"),
+    Row("opts-arms-monitor-every", refused_before_loading("arms", "--monitor-every", "0"), 2,
+        "monitor_every (--monitor-every) must be an integer >= 1, got 0"),
+    Row("opts-arms-conditions", refused_before_loading("arms", "--conditions", "clean,late_svd:rnk=64"), 2,
+        "conditions (--conditions): "),
+    Row("opts-arms-eval-pairs", refused_before_loading("arms", "--eval-pairs", missing_file("nope.jsonl")), 2,
+        "eval_pairs (--eval-pairs): Stimulus file"),
+    Row("opts-arms-seeds", refused_before_loading("arms", "--seeds", "1,-1"), 2,
+        "--seeds: every seed must be an integer >= 0, got -1"),
+    Row("opts-tuned-lens-empty-corpus",
+        refused_before_loading("tuned-lens train", "--corpus", text_file("corpus.txt", b"\n  \n")), 2,
+        "corpus.txt has no non-empty line; put one document per line"),
+    Row("opts-tuned-lens-corpus-not-utf8",
+        refused_before_loading("tuned-lens train", "--corpus", text_file("corpus.txt", b"caf\xe9\n")), 2,
+        "corpus.txt: not UTF-8 text (byte 3: 0xe9)"),
+    Row("opts-tuned-lens-steps", refused_before_loading("tuned-lens train", "--corpus", "in-domain", "--steps", "0"),
+        2, "steps (--steps) must be an integer >= 1, got 0"),
+    # 10. dipreg arms resuming into a folder: its settings record
+    Row("arms-config-not-json", arms_resume('{"model": null, "quick": tr'), 2,
+        "arms_config.json is not a complete JSON record (Expecting value: line 1 column 26 (char 25)): it records the "
+        "settings the runs in"),
+    Row("arms-settings-changed", arms_resume(quick_config, "--monitor-every", "3", "--eval-limit", "5"), 2,
+        "arms_config.json): monitor_every: 2 → 3; eval_limit: 24 → 5. Resume with the same options, or pass a new "
+        "--out"),
+    # 11. the HF Trainer callback writes strict JSON
+    Row("history-hf-callback-is-strict", hf_history_with_nan, None, '"dip/logit/max_wrong_dip": null',
+        absent=("NaN",)),
 ]
 # fmt: on
 
@@ -432,7 +661,12 @@ def test_bad_input_is_named(row: Row, env: Env, capsys: pytest.CaptureFixture[st
 
 def test_the_table_covers_every_case_of_the_issue():
     families = {row.id.split("-")[0] for row in ROWS}
-    assert families == {"pairs", "pair", "lens", "ckpt", "monitor", "history", "write", "degrade", "module"}
+    assert families == {
+        "pairs", "pair", "lens", "ckpt", "monitor", "history", "write", "degrade", "module",  # part A
+        "health", "fit", "opts", "arms",  # part B
+    }  # fmt: skip
+    commands = {row.id.split("-")[1] for row in ROWS if row.id.startswith("opts-")}
+    assert commands == {"audit", "degrade", "bridge", "bench", "ladder", "arms", "tuned"}
     assert len({row.id for row in ROWS}) == len(ROWS)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -71,7 +72,7 @@ def trainer(tmp_path: Path, max_steps: int, callbacks: list, **kwargs) -> pl.Tra
 
 
 def read_events(log_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0, "scalars": 0})
+    acc = EventAccumulator(str(log_dir), size_guidance={"images": 0, "histograms": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     return acc
 
@@ -257,3 +258,75 @@ def test_probe_gives_nan_for_unreadable_items_and_keeps_every_other_mean(monkeyp
     assert (result.non_finite, result.all_zero) == ({"logit": 1}, {"logit": 1})
     message = result.unreadable_message(len(tiny_pairs))
     assert message is not None and message.startswith("logit: 1 non-finite, 1 exactly 0 at every layer (of 4 probe")
+
+
+STATISTICS = ("accuracy", "max_wrong_dip", "commit_layer_frac", "late_binding_rate")
+
+
+def read_layout(events: EventAccumulator) -> dict[str, dict[str, list[str]]]:
+    """The custom-scalars layout written to the events, as ``{category: {chart: [tag regex, ...]}}``."""
+    from tensorboard.plugins.custom_scalar.layout_pb2 import Layout
+
+    (event,) = events.Tensors("custom_scalars__config__")  # written once per run
+    layout = Layout.FromString(event.tensor_proto.string_val[0])
+    return {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
+
+
+def check_layout_and_subsets(events: EventAccumulator, lenses: tuple[str, ...], pairs: list[MinimalPair]) -> None:
+    """Safety tags exactly when there are safety items; the layout charts every logged metric, per lens and per
+    family, and each of its entries (a regex, as TensorBoard reads it) names exactly one logged tag."""
+    logged = set(events.Tags()["scalars"])
+    subsets = ["", *(f"family/{f}/" for f in sorted({p.family for p in pairs}))]
+    if any(p.safety for p in pairs):
+        subsets.append("safety/")
+    assert {t for t in logged if "/safety/" in t} == {
+        f"dip/{lens}/safety/{stat}" for lens in lenses for stat in STATISTICS if "safety/" in subsets
+    }
+    charts = {title: tags for category in read_layout(events).values() for title, tags in category.items()}
+    for tags in charts.values():
+        for regex in tags:
+            assert len([t for t in logged if re.fullmatch(regex, t)]) == 1, regex
+    per_metric = [[f"dip/{lens}/{stat}" for lens in lenses] for stat in STATISTICS]  # every lens on one chart
+    per_family = [[f"dip/{lens}/{prefix}{stat}" for prefix in subsets] for lens in lenses for stat in STATISTICS]
+    written = sorted(sorted(tag.strip("^$") for tag in tags) for tags in charts.values())
+    assert written == sorted(map(sorted, per_metric + per_family))
+    assert {"held-out accuracy", "mean max_wrong_dip", "mean commit_layer_frac", "late-binding rate"} <= set(charts)
+
+
+@pytest.mark.parametrize("with_safety", [False, True])
+def test_tensorboard_gets_a_custom_scalars_layout_and_no_tags_for_empty_subsets(
+    tmp_path, tiny_tokenizer, tiny_pairs, with_safety
+):
+    pairs = tiny_pairs if with_safety else [p for p in tiny_pairs if not p.safety]
+    monitor = DipMonitor(pairs, every_n_steps=2, lenses=("logit", "causal"))
+    trainer(tmp_path, 2, [monitor], enable_checkpointing=False).fit(UserLoRAModule(tiny_tokenizer), token_batches())
+    events = read_events(tmp_path / "tb" / "version_0")
+    check_layout_and_subsets(events, ("logit", "causal"), pairs)
+    for tag in ("dip/trajectories", "dip/history"):  # one column of panels, narrow enough for an image card
+        image = events.Images(tag)[-1]
+        assert image.width <= 500 and image.height > image.width, tag
+
+
+def test_hf_trainer_twin_writes_the_same_layout_and_no_empty_subsets(tmp_path, tiny_tokenizer, tiny_pairs):
+    from transformers import Trainer, TrainingArguments
+
+    from dipreg.callbacks.hf import DipMonitorCallback
+
+    pairs = [p for p in tiny_pairs if not p.safety]
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 40, (4, 12)).tolist()]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    monitor = DipMonitorCallback(pairs, tokenizer=tiny_tokenizer, every_n_steps=1, lenses=("logit", "causal"))
+    Trainer(model=make_tiny_model("llama"), args=args, train_dataset=data, callbacks=[monitor]).train()
+    events = read_events(tmp_path / "out" / "runs")
+    assert [e.step for e in events.Scalars("dip/causal/accuracy")] == [0, 1]
+    check_layout_and_subsets(events, ("logit", "causal"), pairs)
+    assert events.Images("dip/trajectories")[-1].width <= 500

@@ -1,6 +1,7 @@
 """The `dipreg` console script: audit end to end on the real default model, and clear errors on bad input."""
 
 import json
+import re
 
 import pytest
 
@@ -256,3 +257,62 @@ def test_the_audit_path_and_help_never_import_lightning(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --- every run function checks its options before it makes its output folder or loads a model ------------------
+
+
+def _python_api_calls(tmp_path):
+    """(name, call(out)) for each command's run function, each with one bad option."""
+    from dipreg.audit import run_audit
+    from dipreg.bench.run import run_bench
+    from dipreg.eval.arms.runner import run_arms
+    from dipreg.eval.degradation.report import run_degrade
+    from dipreg.eval.ladder import run_ladder
+    from dipreg.eval.readouts.bridge import run_bridge
+    from dipreg.lenses.tuned_training import run_tuned_lens_train
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    return {
+        "audit": (lambda out: run_audit(None, "core", ["logit"], out, window=(0.9, 0.1)), "window"),
+        "degrade": (lambda out: run_degrade(None, "core", "late_svd:rank=64", out, batch_size=0), "--batch-size"),
+        "bridge": (lambda out: run_bridge(None, out=out, limit=-3), "--limit must be an integer >= 0"),
+        "bench": (lambda out: run_bench(None, str(tmp_path / "nope.jsonl"), out), "nope.jsonl"),
+        "ladder": (lambda out: run_ladder("base:instruct", "core", out, limit=0), "--limit"),
+        "arms": (lambda out: run_arms(None, out=out, quick=True, monitor_every=0), "monitor_every"),
+        "tuned-lens": (lambda out: run_tuned_lens_train(None, str(empty), out), "has no non-empty line"),
+    }
+
+
+@pytest.mark.parametrize("name", ["audit", "degrade", "bridge", "bench", "ladder", "arms", "tuned-lens"])
+def test_python_api_checks_options_before_the_output_folder_and_the_model(name, tmp_path, monkeypatch):
+    import dipreg.audit
+    import dipreg.bench.run
+    import dipreg.eval.arms.evaluate
+    import dipreg.eval.degradation.report
+    import dipreg.eval.ladder
+    import dipreg.eval.readouts.bridge
+    import dipreg.lenses.tuned_training
+    import dipreg.module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    modules = (dipreg.audit, dipreg.bench.run, dipreg.eval.arms.evaluate, dipreg.eval.degradation.report)
+    modules += (dipreg.eval.ladder, dipreg.eval.readouts.bridge, dipreg.lenses.tuned_training, dipreg.module)
+    for module in modules:
+        monkeypatch.setattr(module, "load_model", no_model)
+    call, fragment = _python_api_calls(tmp_path)[name]
+    out = tmp_path / "out"
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(fragment)):
+        call(out)
+    assert not out.exists()
+
+
+def test_fit_help_lists_the_health_options(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--health.diverged_steps" in text and "--health.tolerance" in text and "--heldout.sets" in text

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,6 +18,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from peft import PeftModel
 
 import dipreg
+from dipreg.callbacks import TrainingDivergedError, TrainingHealth
 from dipreg.cli import main
 from dipreg.data import PairDataModule
 from dipreg.fit import run_fit, translate_args
@@ -402,3 +406,163 @@ def test_an_adapter_only_checkpoint_loads_without_the_frozen_base(tiny_tokenizer
 def test_module_arguments_are_checked_strictly_and_named(tiny_tokenizer, kwargs, message):
     with pytest.raises(ValueError, match=message):
         DipRegModule(model=make_tiny_model("llama"), tokenizer=tiny_tokenizer, **{"r": 4, **kwargs})
+
+
+# -- TrainingHealth: a fit whose loss is non-finite or pinned at ln V stops with the step named ------------------
+
+LN_64 = math.log(64)
+
+
+def _drive(health: TrainingHealth, losses: list[float], accumulate: int = 1) -> SimpleNamespace:
+    """Feed ``losses`` (one per micro-batch) to ``health`` as Lightning does: the loss divided by the accumulation,
+    ``global_step`` advanced after every ``accumulate``-th micro-batch. Returns the fake trainer."""
+    module = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(vocab_size=64)), hparams={"lr": 0.5})
+    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=accumulate, current_epoch=0)
+    health.on_fit_start(trainer, module)
+    health.on_train_start(trainer, module)
+    for index, loss in enumerate(losses):
+        if (index + 1) % accumulate == 0:
+            trainer.global_step += 1
+        health.on_train_batch_end(trainer, module, {"loss": torch.tensor(loss / accumulate)}, None, index)
+    return trainer
+
+
+def test_health_stops_after_n_consecutive_steps_at_ln_v_and_names_them():
+    _drive(TrainingHealth(diverged_steps=3), [5.0, 5.0, 1.0, 5.0, 5.0])  # two stuck steps, then a reset: runs on
+    with pytest.raises(TrainingDivergedError) as info:
+        _drive(TrainingHealth(diverged_steps=3), [5.0, 5.0, 1.0, 5.0, LN_64, 5.0, 1.0])
+    assert str(info.value).startswith("Training stopped at optimizer step 6: the training loss has been >= ln V = ")
+    message = str(info.value)
+    assert "ln(64) = 4.1589" in message and "for 3 consecutive steps (4..6; last loss 5.0000) with lr=0.5" in message
+
+
+def test_health_counts_optimizer_steps_under_gradient_accumulation():
+    # micro-batch losses 5,1 average 3 < ln 64: not stuck; 5,5 twice: two stuck steps only
+    _drive(TrainingHealth(diverged_steps=3), [5.0, 1.0, 5.0, 5.0, 5.0, 5.0], accumulate=2)
+    with pytest.raises(TrainingDivergedError, match=r"optimizer step 3: .* for 3 consecutive steps \(1\.\.3;"):
+        _drive(TrainingHealth(diverged_steps=3), [5.0] * 6, accumulate=2)
+    with pytest.raises(TrainingDivergedError, match=r"optimizer step 2 \(epoch 0, batch 3\): the training loss is inf"):
+        _drive(TrainingHealth(), [1.0, 1.0, 1.0, math.inf], accumulate=2)
+
+
+def test_health_tolerance_and_the_disabled_rule():
+    with pytest.raises(TrainingDivergedError):
+        _drive(TrainingHealth(diverged_steps=2), [LN_64 - 5e-4] * 2)  # float rounding of a uniform softmax
+    _drive(TrainingHealth(diverged_steps=2), [LN_64 - 0.01] * 2)
+    _drive(TrainingHealth(diverged_steps=None), [9.0] * 50)  # the ln V rule off
+    with pytest.raises(TrainingDivergedError, match=r"optimizer step 3 .*the training loss is nan"):
+        _drive(TrainingHealth(diverged_steps=None), [9.0, 9.0, math.nan])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"diverged_steps": 0}, "diverged_steps (--health.diverged_steps) must be an integer >= 1 or None"),
+        ({"diverged_steps": True}, "got True"),
+        ({"tolerance": -1.0}, "tolerance (--health.tolerance) must be a finite number >= 0"),
+        ({"vocab_size": 1}, "vocab_size (--health.vocab_size) must be an integer >= 2 or None"),
+    ],
+)
+def test_health_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainingHealth(**kwargs)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer) -> str:
+    path = tmp_path / "tiny-llama"
+    make_tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _tiny_fit_args(model_dir: str, pairs_file: str, root: Path, *flags: str) -> list[str]:
+    return [
+        "fit",
+        "--recipe",
+        "output_only",
+        "--model",
+        model_dir,
+        "--data.train",
+        pairs_file,
+        "--data.val",
+        f"[{pairs_file}]",
+        "--data.batch_size",
+        "4",
+        "--heldout.sets",
+        f"[{pairs_file}]",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        *flags,
+    ]
+
+
+def test_dipreg_fit_with_lr_1e9_exits_2_naming_the_step_and_the_same_fit_at_a_sane_lr_runs(
+    tiny_model_dir, pairs_file, tmp_path, capsys
+):
+    args = _tiny_fit_args(tiny_model_dir, pairs_file, tmp_path / "a", "--trainer.max_steps", "12")
+    assert main([*args, "--model.lr", "1e9"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: Training stopped at optimizer step 10: the training loss has been >= ln V = ln(64) = 4.1589" in err
+    assert "for 10 consecutive steps" in err and "with lr=1e+09" in err and "Traceback" not in err
+    assert main(_tiny_fit_args(tiny_model_dir, pairs_file, tmp_path / "b", "--trainer.max_steps", "12")) == 0
+
+
+def test_fit_attaches_health_and_accepts_max_steps_minus_one_with_explicit_max_epochs(tiny_model_dir, tmp_path):
+    cli = run_fit(
+        [
+            "--recipe",
+            "output_only",
+            "--model",
+            tiny_model_dir,
+            "--trainer.max_steps",
+            "-1",
+            "--trainer.max_epochs",
+            "2",
+            "--health.diverged_steps",
+            "null",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        run=False,
+    )
+    assert cli.trainer.max_steps == -1 and cli.trainer.max_epochs == 2
+    (health,) = [c for c in cli.trainer.callbacks if isinstance(c, TrainingHealth)]
+    assert health.diverged_steps is None
+    assert cli.trainer.progress_bar_callback is None
+
+
+@pytest.mark.integration
+def test_default_model_with_lr_1e9_stops_at_ln_v(tmp_path, capsys):
+    rc = main(
+        [
+            "fit",
+            "--recipe",
+            "output_only",
+            "--model.lr",
+            "1e9",
+            "--trainer.max_steps",
+            "8",
+            "--health.diverged_steps",
+            "3",
+            "--data.batch_size",
+            "4",
+            "--heldout.sets",
+            "[comp_strict]",
+            "--trainer.limit_val_batches",
+            "0",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2, err
+    assert "Training stopped at optimizer step" in err and "ln(49152) = 10.8027" in err

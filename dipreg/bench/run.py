@@ -18,6 +18,7 @@ from rich.table import Table
 
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.bench.core import BenchContext, Ratio, Section
+from dipreg.metrics import validate_count
 from dipreg.models import load_model
 from dipreg.stimuli import load_pairs
 
@@ -55,16 +56,17 @@ def run_bench(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run the named ``sections`` (default: all of :data:`SECTIONS`, in order), print a table and write ``bench.json``;
-    returns the payload. Unknown section names raise a ValueError before the model loads."""
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}.")
-    if naive_pairs < 1:
-        raise ValueError(f"--naive-pairs must be >= 1, got {naive_pairs}.")
+    returns the payload. Bad options (counts, unknown section names, the pair set) raise a ValueError before ``out``
+    is created and before the model loads."""
+    validate_count(repeats, "--repeats")
+    validate_count(naive_pairs, "--naive-pairs")
+    validate_count(batch_size, "--batch-size")
     chosen = load_sections(sections)
+    pairs = load_pairs(pairs_name)
     console = console or Console()
     out_dir = prepare_out_dir(out)
     model, tokenizer = load_model(model_name)
-    ctx = BenchContext(model, tokenizer, load_pairs(pairs_name), batch_size, repeats, naive_pairs)
+    ctx = BenchContext(model, tokenizer, pairs, batch_size, repeats, naive_pairs)
     ratios: list[Ratio] = []
     with console.status("benchmarking…"):
         for section in chosen:

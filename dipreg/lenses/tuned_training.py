@@ -7,6 +7,7 @@ or a text file (one document per line). The model is only read (eval mode, no gr
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from dipreg.adapter import ModelAdapter, eval_mode
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.batching import pad_right, pad_token_id
 from dipreg.lenses.tuned import CORPORA, DEFAULT_CORPUS, TUNED_LENS_FILE, TunedLens, default_tuned_lens_dir, model_id
+from dipreg.metrics import validate_count
 from dipreg.models import load_model
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
@@ -72,11 +74,24 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_tokens", "max_sequences", "positions_per_sequence"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        if self.vocab_top_k < 0 or self.lr <= 0:
-            raise ValueError(f"vocab_top_k must be >= 0 and lr > 0, got {self.vocab_top_k} and {self.lr}.")
+        for name in ("steps", "batch_tokens", "max_sequences", "positions_per_sequence", "vocab_top_k", "seed"):
+            flag = _FLAGS.get(name)
+            minimum = 0 if name in ("vocab_top_k", "seed") else 1
+            validate_count(getattr(self, name), f"{name} ({flag})" if flag else name, minimum)
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
+            raise ValueError(f"lr (--lr) must be a finite number > 0, got {lr!r}.")
+
+
+#: The `dipreg tuned-lens train` flag of each :class:`TrainSettings` field (the ones the CLI exposes).
+_FLAGS = {
+    "steps": "--steps",
+    "lr": "--lr",
+    "max_sequences": "--max-sequences",
+    "positions_per_sequence": "--positions",
+    "vocab_top_k": "--vocab-top-k",
+    "seed": "--seed",
+}
 
 
 def in_domain_texts(tokenizer: Any) -> list[str]:
@@ -112,11 +127,18 @@ def sample_out_of_domain_texts(
 
 
 def file_texts(path: str | Path) -> list[str]:
-    """Non-empty lines of a text file (one document per line)."""
+    """Non-empty lines of a UTF-8 text file (one document per line); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Corpus file {path} not found; pass in-domain, out-of-domain or a text FILE.")
-    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"Corpus file {path}: not UTF-8 text (byte {err.start}: 0x{data[err.start]:02x}); save it as UTF-8."
+        ) from err
+    texts = [line.strip() for line in text.splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"Corpus file {path} has no non-empty line; put one document per line.")
     return texts
@@ -269,11 +291,14 @@ def run_tuned_lens_train(
 ) -> dict[str, Any]:
     """`dipreg tuned-lens train`: train, write ``tuned-lens.pt``, ``train.json`` and ``corpus.txt`` into ``out``
     (default: :func:`~dipreg.lenses.tuned.default_tuned_lens_dir`), print a table, return the JSON payload.
-    ``settings=None`` means :class:`TrainSettings` with its defaults."""
+    ``settings=None`` means :class:`TrainSettings` with its defaults (checked when built). A corpus that is neither
+    a known name nor a readable, non-empty UTF-8 file raises before the model loads and before ``out`` is made."""
     console = console or Console()
     settings = settings if settings is not None else TrainSettings()
-    if corpus not in CORPORA and not Path(corpus).is_file():
-        raise FileNotFoundError(f"--corpus {corpus!r} is neither one of {', '.join(CORPORA)} nor an existing file.")
+    if corpus not in CORPORA:
+        if not Path(corpus).is_file():
+            raise FileNotFoundError(f"--corpus {corpus!r} is neither one of {', '.join(CORPORA)} nor an existing file.")
+        file_texts(corpus)  # an unreadable or empty corpus file fails here, before the model loads
     model, tokenizer = load_model(model_name)
     name = corpus if corpus in CORPORA else Path(corpus).stem
     out_dir = prepare_out_dir(out if out is not None else default_tuned_lens_dir(model, name))

@@ -10,9 +10,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from dipreg.eval.degradation.operators import DegradeError, parse_ops
+from dipreg.metrics import validate_count
+from dipreg.prompting import PromptFormat
 from dipreg.recipes import load_recipe
+from dipreg.stimuli import load_pairs
 
-__all__ = ["ARM_RECIPES", "ArmSpec", "ArmsSettings", "build_arms"]
+__all__ = ["ARM_RECIPES", "SETTING_FLAGS", "ArmSpec", "ArmsSettings", "build_arms", "check_seeds"]
 
 #: The three recipe arms of the paper (§6.1); ``dip_reg`` expands to one arm per λ.
 ARM_RECIPES: tuple[str, ...] = ("output_only", "late_only", "dip_reg")
@@ -62,6 +66,32 @@ def build_arms(arms: list[str], lambdas: list[float]) -> list[ArmSpec]:
     return specs
 
 
+def check_seeds(seeds: list[int]) -> list[int]:
+    """Refuse an empty, repeated or out-of-range seed list (a seed is an integer in [0, 2**32 - 1])."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must list distinct integers, got {seeds}.")
+    for seed in seeds:
+        validate_count(seed, "--seeds: every seed", 0)
+        if seed >= 2**32:
+            raise ValueError(f"--seeds: every seed must be < 2**32, got {seed}.")
+    return list(seeds)
+
+
+#: The `dipreg arms` flag of each :class:`ArmsSettings` field the command line sets (the others are Python-only).
+SETTING_FLAGS: dict[str, str] = {
+    "max_steps": "--steps",
+    "eval_pairs": "--eval-pairs",
+    "eval_limit": "--eval-limit",
+    "conditions": "--conditions",
+    "monitor_every": "--monitor-every",
+}
+
+
+def _name(field: str) -> str:
+    flag = SETTING_FLAGS.get(field)
+    return f"{field} ({flag})" if flag else field
+
+
 @dataclass(frozen=True)
 class ArmsSettings:
     """Sizes of one `dipreg arms` run. :meth:`quick` shrinks every size for a CI-sized smoke run.
@@ -96,6 +126,46 @@ class ArmsSettings:
     heldout_sets: str | None = None
     prompt: str = "raw"
     batch_eval: int = 32
+
+    def __post_init__(self) -> None:
+        """Check every size and spec when the settings are built (so before any folder is made or model loads)."""
+        for field in ("max_steps", "batch_size", "monitor_limit", "retention_limit", "eval_limit"):
+            value = getattr(self, field)
+            if value is not None:
+                validate_count(value, _name(field), 1, "or unset")
+        validate_count(self.monitor_every, _name("monitor_every"))
+        validate_count(self.batch_eval, _name("batch_eval"))
+        if self.nll_texts is not None:
+            validate_count(self.nll_texts, _name("nll_texts"), 0)
+        PromptFormat(self.prompt)  # type: ignore[arg-type]  # an unknown style raises here
+        for field in ("conditions", "retention_ops"):
+            spec = ",".join(p.strip() for p in getattr(self, field).split(",") if p.strip() != "clean")
+            if field == "conditions" and not spec.strip(","):
+                continue  # clean only
+            try:
+                parse_ops(spec)
+            except DegradeError as err:
+                raise DegradeError(f"{_name(field)}: {err}") from err
+        if self.heldout_sets is not None and not [s for s in self.heldout_sets.split(",") if s.strip()]:
+            raise ValueError(f"heldout_sets must name at least one pair set or be None, got {self.heldout_sets!r}.")
+
+    def check_pair_sets(self) -> None:
+        """Load every pair set the run reads (a built-in name or a JSONL file), so a bad one fails first."""
+        names = {
+            "monitor_pairs": self.monitor_pairs,
+            "retention_pairs": self.retention_pairs,
+            "eval_pairs": self.eval_pairs,
+        }
+        for field, name in names.items():
+            try:
+                load_pairs(name)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"{_name(field)}: {err}") from err
+            except ValueError as err:
+                raise ValueError(f"{_name(field)}: {err}") from err
+        for name in (self.heldout_sets or "").split(","):
+            if name.strip():
+                load_pairs(name.strip())
 
     @classmethod
     def quick(cls) -> ArmsSettings:

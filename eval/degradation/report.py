@@ -25,7 +25,7 @@ from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval.degradation.ledger import state_checksum
 from dipreg.eval.degradation.operators import DEFAULT_OPS, degrade, op_label, parse_ops
 from dipreg.eval.stats import operator_result
-from dipreg.metrics import DEFAULT_WINDOW
+from dipreg.metrics import DEFAULT_WINDOW, validate_count, validate_window
 from dipreg.models import load_model
 from dipreg.plots import save_figure
 from dipreg.prompting import PromptFormat
@@ -105,13 +105,17 @@ def run_degrade(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Run every operator of ``ops`` (CLI spec) on the model, write ``degrade.json`` and
-    ``tertile_flips.png`` into ``out``, print the table, and return the JSON payload."""
+    ``tertile_flips.png`` into ``out``, print the table, and return the JSON payload. Bad options (ops, window,
+    batch size, prompt style, the pair set) raise before ``out`` is created and before the model loads."""
     console = console or Console()
+    # Every option is checked before the output folder is made and the model loads.
     specs = parse_ops(ops)
-    out_dir = prepare_out_dir(out)
-    pairs = load_pairs(pairs_name)
-    model, tokenizer = load_model(model_name)
+    window = validate_window(window, "--window")
+    validate_count(batch_size, "--batch-size")
     prompt_format = PromptFormat(prompt)  # type: ignore[arg-type]
+    pairs = load_pairs(pairs_name)
+    out_dir = prepare_out_dir(out)
+    model, tokenizer = load_model(model_name)
 
     def measure() -> Trajectories:
         return trajectories(

@@ -36,7 +36,7 @@ from dipreg.eval.readouts.readout import (
     run_readouts,
     validate_readout_names,
 )
-from dipreg.metrics import DEFAULT_WINDOW
+from dipreg.metrics import DEFAULT_WINDOW, validate_count, validate_window
 from dipreg.models import load_model
 from dipreg.plots import save_figure
 from dipreg.prompting import PromptFormat
@@ -314,8 +314,9 @@ def run_bridge(
 ) -> dict[str, Any]:
     """Run the bridge, write ``bridge.json`` and ``bridge.png`` into ``out``, print the table, return the payload.
 
-    Bad input fails before any model loads; then :func:`measure_intact`, :func:`run_conditions` and
-    :func:`write_report` run in order.
+    Bad input (readout, intervention and operator names, token counts, batch size, limit, window, prompt style,
+    vignette sets) fails before ``out`` is created and before any model loads; then :func:`measure_intact`,
+    :func:`run_conditions` and :func:`write_report` run in order.
 
     Args:
         model_name: HF name or path; None for the embedded default model.
@@ -334,8 +335,13 @@ def run_bridge(
     validate_readout_names(readouts, has_judge=judge is not None)
     validate_interventions(interventions)
     specs = parse_ops(ops) if ops.strip() else []
-    if max_new_tokens < 1 or extractive_tokens < 1:
-        raise ValueError("--max-new-tokens and --extractive-tokens must be >= 1.")
+    validate_count(max_new_tokens, "--max-new-tokens")
+    validate_count(extractive_tokens, "--extractive-tokens")
+    validate_count(batch_size, "--batch-size")
+    if limit is not None:
+        validate_count(limit, "--limit", 0, "0 = all vignettes")
+    window = validate_window(window, "--window")
+    PromptFormat(prompt)  # type: ignore[arg-type]  # an unknown style raises here
     vignettes = balanced_subset(load_vignettes(pairs), limit or None)
     out_dir = prepare_out_dir(out)
     intact = measure_intact(
