@@ -488,6 +488,10 @@ ROWS = [
         "(id 'p1'): field 'lexical' must map strings to strings"),
     Row("pairs-huge-integer", audit_pairs('{"id": "p1", "safety": ' + "9" * 5000 + "}"), 2,
         "pairs.jsonl:1: unreadable JSON (Exceeds the limit"),
+    Row("pairs-id-closing-markup-tag", audit_pairs(record(id="[/oops]", ctx_a=SAME, ctx_b=SAME)), 2,
+        "(id '[/oops]'): ctx_a and ctx_b are identical", absent=("MarkupError",)),
+    Row("pairs-id-opening-markup-tag", audit_pairs(record(id="[bold]x", ctx_a=SAME, ctx_b=SAME)), 2,
+        "(id '[bold]x'): ctx_a and ctx_b are identical"),
     Row("pair-built-in-python", lambda env: MinimalPair("x", SAME, SAME, " Yes", " No", "f", False), StimulusError,
         "pair (id 'x'): ctx_a and ctx_b are identical"),
     # 2. tuned-lens files through `dipreg audit --lens tuned --tuned-lens FILE`
