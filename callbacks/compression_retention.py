@@ -15,10 +15,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from dipreg.callbacks.probe import ModelGetter, MonitorSetupError, find_hf_model, resolve_pairs, resolve_tokenizer
+from dipreg.callbacks.probe import (
+    ModelGetter,
+    MonitorSetupError,
+    find_hf_model,
+    resolve_pairs,
+    resolve_prompt,
+    resolve_tokenizer,
+)
 from dipreg.eval.degradation.operators import degrade, get_operator, op_label, parse_ops
 from dipreg.eval.stats import operator_result
 from dipreg.metrics import DEFAULT_WINDOW
+from dipreg.prompting import PromptFormat
 from dipreg.stimuli import MinimalPair, audit_single_token
 from dipreg.trajectory import trajectories
 
@@ -41,7 +49,10 @@ class CompressionRetention(Callback):
             (``pl_module.tokenizer``, another tokenizer attribute, or the one saved with the HF model).
         batch_size: contexts per forward.
         window: dip window for the stratification.
-        prompt: prompt style for the contexts.
+        prompt: prompt style for the contexts (``"auto"``, ``"raw"``, ``"chat"``, or a
+            :class:`~dipreg.prompting.PromptFormat`). ``None`` (the default): the ``prompt`` of
+            ``trainer.datamodule`` when it has one (:attr:`dipreg.PairDataModule.prompt`), else ``"auto"``; resolved
+            at ``setup`` into :attr:`resolved_prompt`. An explicit style wins over the datamodule's.
 
     Example::
 
@@ -58,7 +69,7 @@ class CompressionRetention(Callback):
         *,
         batch_size: int = 16,
         window: tuple[float, float] = DEFAULT_WINDOW,
-        prompt: str = "auto",
+        prompt: str | None = None,
     ) -> None:
         if on not in ("checkpoint", "validation_end"):
             raise MonitorSetupError(f"on must be 'checkpoint' or 'validation_end', got {on!r}.")
@@ -73,7 +84,12 @@ class CompressionRetention(Callback):
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.window = window
+        if prompt is not None:
+            resolve_prompt(prompt, None, "CompressionRetention")  # a bad explicit style fails here, not at setup
         self.prompt = prompt
+        #: The prompt format the contexts are rendered with, set at ``setup`` (``prompt``, or the datamodule's).
+        #: Outside a Trainer (:meth:`evaluate` before any ``setup``) ``prompt`` itself, ``None`` meaning ``"auto"``.
+        self.resolved_prompt: PromptFormat | None = None
         self.pairs: list[MinimalPair] = []
         self.history: list[dict[str, float]] = []
 
@@ -85,7 +101,9 @@ class CompressionRetention(Callback):
         return self._generate_state_key(pairs=pairs, degradations=labels, on=self.on)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find the model and tokenizer and audit the pairs before the first step."""
+        """Find the model and tokenizer, resolve the prompt style (``prompt=None``: the datamodule's) and audit the
+        pairs before the first step."""
+        self.resolved_prompt = resolve_prompt(self.prompt, trainer, "CompressionRetention")
         tokenizer = self._tokenizer(pl_module, find_hf_model(pl_module, self.model_getter))
         self.pairs = resolve_pairs(self.pairs_spec)
         audit_single_token(self.pairs, tokenizer)
@@ -98,10 +116,11 @@ class CompressionRetention(Callback):
         """Measure the intact model, then each degradation; return the scalars (also usable outside a Trainer)."""
         model = find_hf_model(pl_module, self.model_getter)
         tokenizer = self._tokenizer(pl_module, model)
+        prompt = self.resolved_prompt or resolve_prompt(self.prompt, None, "CompressionRetention")
 
         def measure():
             return trajectories(
-                model, tokenizer, self.pairs, batch_size=self.batch_size, window=self.window, prompt=self.prompt
+                model, tokenizer, self.pairs, batch_size=self.batch_size, window=self.window, prompt=prompt
             )
 
         intact = measure()

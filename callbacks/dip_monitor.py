@@ -25,9 +25,11 @@ from dipreg.callbacks.probe import (
     find_hf_model,
     positive_int,
     resolve_pairs,
+    resolve_prompt,
     resolve_tokenizer,
 )
 from dipreg.metrics import DEFAULT_WINDOW
+from dipreg.prompting import PromptFormat
 from dipreg.stimuli import MinimalPair
 
 
@@ -56,7 +58,11 @@ class DipMonitor(Callback):
         on_validation_end: also probe at the end of every validation run.
         batch_size: contexts per probe forward.
         window: relative-depth window of ``max_wrong_dip``.
-        prompt: prompt style for the probe contexts (``"auto"``, ``"raw"``, ``"chat"``).
+        prompt: prompt style for the probe contexts (``"auto"``, ``"raw"``, ``"chat"``, or a
+            :class:`~dipreg.prompting.PromptFormat`). ``None`` (the default): the training data's, i.e. the
+            ``prompt`` of ``trainer.datamodule`` when it has one (:attr:`dipreg.PairDataModule.prompt`), else
+            ``"auto"``; resolved at ``setup`` into :attr:`resolved_prompt` (see
+            :func:`~dipreg.callbacks.probe.resolve_prompt`). An explicit style wins over the datamodule's.
         log_figures: log figures and histograms where the logger supports them.
         figures_every: log figures and histograms on every k-th probe only (scalars go out every probe).
         causal_every: read the ``"causal"`` lens on every k-th probe only, the other lenses every probe. The
@@ -83,7 +89,7 @@ class DipMonitor(Callback):
         on_validation_end: bool = False,
         batch_size: int = 16,
         window: tuple[float, float] = DEFAULT_WINDOW,
-        prompt: str = "auto",
+        prompt: str | None = None,
         log_figures: bool = True,
         figures_every: int = 1,
         causal_every: int = 1,
@@ -99,7 +105,11 @@ class DipMonitor(Callback):
         self.tokenizer = tokenizer
         self.probe_on_validation_end = on_validation_end
         self.window = window
+        if prompt is not None:
+            resolve_prompt(prompt, None, "DipMonitor")  # a bad explicit style fails here, not at setup
         self.prompt = prompt
+        #: The prompt format the probe renders with, set at ``setup`` (``prompt``, or the datamodule's).
+        self.resolved_prompt: PromptFormat | None = None
         self.log_figures = log_figures
         self.history_file = history_file
         self.lens_options = lens_options or {}
@@ -114,15 +124,17 @@ class DipMonitor(Callback):
         return self._generate_state_key(pairs=pairs, every_n_steps=self.every_n_steps, lenses=self.lenses)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Find the model and tokenizer and audit the pairs now, so a misconfiguration never waits for step N."""
+        """Find the model and tokenizer, resolve the prompt style (``prompt=None``: the datamodule's) and audit the
+        pairs now, so a misconfiguration never waits for step N."""
         tokenizer = self._tokenizer(pl_module, find_hf_model(pl_module, self.model_getter))
         if self.probe is None:
+            self.resolved_prompt = resolve_prompt(self.prompt, trainer, "DipMonitor")
             self.probe = DipProbe(
                 resolve_pairs(self.pairs_spec),
                 self.lenses,
                 batch_size=self.batch_size,
                 window=self.window,
-                prompt=self.prompt,
+                prompt=self.resolved_prompt,
                 lens_options=self.lens_options,
             )
         self.probe.check(tokenizer)

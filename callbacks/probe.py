@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dipreg.adapter import ModelAdapter
 from dipreg.metrics import DEFAULT_WINDOW, unreadable_items, validate_window
+from dipreg.prompting import PROMPT_STYLES, PromptFormat
 from dipreg.stimuli import MinimalPair, audit_single_token, load_pairs
 from dipreg.trajectory import LATE_BINDING_DEPTH, Trajectories, trajectories_by_lens
 
@@ -121,6 +122,42 @@ def _tokenizer_from_model(model: nn.Module | None) -> tuple[PreTrainedTokenizerB
 def _local_tokenizer(path: str) -> PreTrainedTokenizerBase:
     """The tokenizer at ``path`` (a folder or a name in the HF cache), loaded once; never downloads."""
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def resolve_prompt(prompt: str | PromptFormat | None, trainer: Any, owner: str) -> PromptFormat:
+    """The prompt format ``owner`` renders its contexts with, resolved at ``setup``.
+
+    An explicit ``prompt`` (a style name or a :class:`~dipreg.prompting.PromptFormat`) wins. ``None`` means the
+    training data's format: the ``prompt`` attribute of ``trainer.datamodule`` (e.g.
+    :attr:`dipreg.PairDataModule.prompt`), when the trainer has a datamodule with one that is a ``PromptFormat``
+    or a style name (``"auto"``, ``"raw"``, ``"chat"``); otherwise ``"auto"`` (chat when the tokenizer has a chat
+    template), with a warning when the datamodule's ``prompt`` is something else.
+
+    Raises:
+        MonitorSetupError: an explicit ``prompt`` that is not a known style.
+    """
+    if prompt is not None:
+        if isinstance(prompt, PromptFormat):
+            return prompt
+        if prompt not in PROMPT_STYLES:
+            raise MonitorSetupError(
+                f"{owner}: prompt must be one of {', '.join(PROMPT_STYLES)} or None (the datamodule's), got {prompt!r}."
+            )
+        return PromptFormat(prompt)
+    datamodule = getattr(trainer, "datamodule", None)
+    found = getattr(datamodule, "prompt", None)
+    if isinstance(found, PromptFormat):
+        return found
+    if isinstance(found, str) and found in PROMPT_STYLES:
+        return PromptFormat(found)
+    if found is not None:
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"{owner}: {type(datamodule).__name__}.prompt is {found!r}, not a prompt style "
+            f"({', '.join(PROMPT_STYLES)}) or a PromptFormat; probing with prompt='auto'. Pass prompt=... to choose."
+        )
+    return PromptFormat("auto")
 
 
 def resolve_pairs(pairs: str | Sequence[MinimalPair]) -> list[MinimalPair]:
@@ -236,7 +273,7 @@ class DipProbe:
         lenses: lens names (``"logit"``, ``"causal"``, ``"tuned"`` ... as registered in ``dipreg.LENSES``).
         batch_size: contexts per forward.
         window: relative-depth window of ``max_wrong_dip``.
-        prompt: prompt style for the contexts.
+        prompt: prompt style for the contexts (a style name or a :class:`~dipreg.prompting.PromptFormat`).
         lens_options: keyword options per lens name.
     """
 
@@ -247,7 +284,7 @@ class DipProbe:
         *,
         batch_size: int = 16,
         window: tuple[float, float] = DEFAULT_WINDOW,
-        prompt: str = "auto",
+        prompt: str | PromptFormat = "auto",
         lens_options: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         if not lenses:

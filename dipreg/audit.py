@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.lenses import LENSES
@@ -17,31 +19,57 @@ from dipreg.models import load_model
 from dipreg.plots import family_trajectory_figure, lens_comparison_figure, save_figure
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
-from dipreg.trajectory import Trajectories, trajectories_by_lens
+from dipreg.trajectory import DEGENERATE_SHARE, Trajectories, degenerate_answer, trajectories_by_lens
+
+#: Columns of :func:`summary_table` after ``subset`` and ``n``, with the summary key each shows.
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("acc", "accuracy"),
+    ("strict\nacc", "strict_accuracy"),
+    ("answers\nt_pos", "answer_pos_share"),
+    ("answers\nt_neg", "answer_neg_share"),
+    ("mean\ndip", "mean_max_wrong_dip"),
+    ("mean\ncommit", "mean_commit_layer_frac"),
+    ("late\nbinding", "late_binding_rate"),
+)
+
+#: Below every table: what the rows and the two share columns are.
+TABLE_CAPTION = (
+    "rows: all items, each family (indented), the safety subset; answers t_pos / t_neg: share of the 2n contexts "
+    "answered with that candidate at the last layer"
+)
 
 
 def summary_table(title: str, summary: dict[str, Any]) -> Table:
-    """A rich table of a :meth:`Trajectories.summary`: all items, each family, the safety subset."""
-    table = Table(title=title)
-    for column in ("subset", "n", "accuracy", "strict acc", "mean dip", "mean commit", "late-binding"):
-        table.add_column(column, justify="left" if column == "subset" else "right")
+    """A rich table of a :meth:`Trajectories.summary`: all items, each family, the safety subset.
+
+    ``answers t_pos`` / ``answers t_neg`` are the shares of the subset's contexts answered with each candidate at
+    the last layer. ``title`` is shown as plain text (never read as Rich markup).
+    """
+    table = Table(title=Text(title), box=box.SIMPLE_HEAVY, show_edge=False, padding=(0, 0, 0, 1), caption=TABLE_CAPTION)
+    table.add_column("subset", justify="left", no_wrap=True, min_width=13)
+    table.add_column("n", justify="right", no_wrap=True, min_width=4)
+    for column, _ in TABLE_COLUMNS:  # two-line headers and one-space padding: fits an 80-column terminal
+        table.add_column(column, justify="right", no_wrap=True)
     rows = [("all", summary["all"])]
-    rows += [(f"family: {name}", stats) for name, stats in summary["families"].items()]
+    rows += [(f"  {name}", stats) for name, stats in summary["families"].items()]
     rows.append(("safety subset", summary["safety"]))
     for name, stats in rows:
         if not stats.get("n"):
-            table.add_row(name, "0", "-", "-", "-", "-", "-")
+            table.add_row(Text(name), "0", *("-" for _ in TABLE_COLUMNS))
             continue
-        table.add_row(
-            name,
-            str(stats["n"]),
-            f"{stats['accuracy']:.3f}",
-            f"{stats['strict_accuracy']:.3f}",
-            f"{stats['mean_max_wrong_dip']:.3f}",
-            f"{stats['mean_commit_layer_frac']:.3f}",
-            f"{stats['late_binding_rate']:.3f}",
-        )
+        table.add_row(Text(name), str(stats["n"]), *(f"{stats[key]:.3f}" for _, key in TABLE_COLUMNS))
     return table
+
+
+def degenerate_warning(lens: str, degenerate: dict[str, Any]) -> Text:
+    """The one-line console warning for a lens whose contexts are almost all answered with one candidate."""
+    text = Text("warning: ", style="bold yellow")
+    text.append(
+        f"{lens} lens: the model answers {degenerate['side']} in {degenerate['share']:.1%} of all contexts "
+        f"(≥ {DEGENERATE_SHARE:.0%}), whatever the context; accuracy (DiD(L) > 0) then measures only how the margin "
+        "moves between the two contexts of a pair, and strict accuracy is the honest number."
+    )
+    return text
 
 
 def check_lenses(lenses: Sequence[str], lens_options: dict[str, dict[str, Any]]) -> None:
@@ -73,7 +101,11 @@ def run_audit(
     return the JSON payload.
 
     ``audit.json`` holds ``items`` and ``summary`` of the first lens at top level, and every lens under
-    ``lenses[name]``. ``lens_options[name]`` are passed to that lens's factory (e.g. ``{"tuned": {"path": P}}``).
+    ``lenses[name]``; ``degenerate`` is ``{"lens", "side", "share"}`` for the first lens whose contexts are
+    answered with one candidate in ≥ :data:`~dipreg.trajectory.DEGENERATE_SHARE` of cases (then a warning is
+    printed), else ``None`` (each lens block has its own ``degenerate``, without ``lens``). The progress bar counts
+    contexts and shows the time left; the last line names the prompt style (``auto`` resolved to ``chat`` or
+    ``raw``). ``lens_options[name]`` are passed to that lens's factory (e.g. ``{"tuned": {"path": P}}``).
     Bad options (window, batch size, lens names, a missing tuned-lens file, prompt style, the pair set) raise
     before ``out`` is created and before the model loads.
     """
@@ -99,23 +131,31 @@ def run_audit(
         progress=True,
         lens_options=lens_options,
     )
-    blocks = {name: {"items": t.item_records(), "summary": t.summary()} for name, t in results.items()}
+    blocks: dict[str, dict[str, Any]] = {}
+    for name, traj in results.items():
+        summary = traj.summary()
+        degenerate_all = degenerate_answer(summary["all"])
+        blocks[name] = {"items": traj.item_records(), "summary": summary, "degenerate": degenerate_all}
     first = blocks[lenses[0]]
+    degenerate = next(({"lens": name, **b["degenerate"]} for name, b in blocks.items() if b["degenerate"]), None)
+    resolved_prompt = prompt_format.resolved(tokenizer)
     payload = {
         "model": model_name or "default:SmolLM2-135M-Instruct",
         "pairs": str(pairs_name),
         "num_pairs": len(pairs),
         "num_layers": results[lenses[0]].num_layers,
         "window": list(window),
-        "prompt": prompt_format.resolved(tokenizer),
+        "prompt": resolved_prompt,
         "lens": lenses[0],
         "lens_options": lens_options,
         "items": first["items"],
         "summary": first["summary"],
+        "degenerate": degenerate,
         "lenses": blocks,
     }
     write_json(out_dir / "audit.json", payload)
-    save_figure(family_trajectory_figure(results), out_dir / "trajectories.png")
+    figure = family_trajectory_figure(results, model=payload["model"], pairs=str(pairs_name))
+    save_figure(figure, out_dir / "trajectories.png")
     figures = "trajectories.png"
     if len(results) > 1:
         save_figure(lens_comparison_figure(results), out_dir / "lenses.png")
@@ -124,5 +164,8 @@ def run_audit(
         console.print(
             summary_table(f"dipreg audit — {payload['model']} on {pairs_name} ({name} lens)", block["summary"])
         )
-    console.print(f"wrote {out_dir / 'audit.json'}, {figures}")
+        if block["degenerate"]:
+            console.print(degenerate_warning(name, block["degenerate"]))
+    prompt_note = f"{prompt} → {resolved_prompt}" if prompt != resolved_prompt else resolved_prompt
+    console.print(Text(f"prompt style: {prompt_note}; wrote {out_dir / 'audit.json'}, {figures}"))
     return payload

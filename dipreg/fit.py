@@ -2,7 +2,8 @@
 
 Recipes are YAML files in ``dipreg.recipes`` (``--recipe NAME``) or anywhere (``--config PATH``); every option is
 overridable flag by flag (``--model.lr 1e-4``, ``--trainer.max_steps 5``). ``--model NAME`` is shorthand for
-``--model.model_name NAME`` (the base model; default: the embedded SmolLM2-135M-Instruct).
+``--model.model_name NAME`` (the base model; default: the embedded SmolLM2-135M-Instruct). ``--help`` prints these
+options, the packaged recipes and examples (:func:`help_header`) before LightningCLI's own help.
 
 :func:`build_cli` is the one recipe parser: `dipreg arms` instantiates each of its arms through it as well. Every
 fit it builds has :class:`~dipreg.heldout.HeldOutEval` (``--heldout.*``) and
@@ -35,6 +36,7 @@ __all__ = [
     "build_cli",
     "check_config_file",
     "check_max_steps",
+    "help_header",
     "run_fit",
     "translate_args",
 ]
@@ -203,6 +205,35 @@ def build_cli(args: Sequence[str], *, run: bool, trainer_defaults: dict[str, Any
         ) from err
 
 
+def help_header() -> str:
+    """What ``dipreg fit --help`` prints before LightningCLI's own (long) help: dipreg's options, the packaged
+    recipes (:data:`dipreg.recipes.RECIPES`) and example command lines."""
+    recipes = "\n".join(f"    {name}" for name in RECIPES)
+    return f"""usage: dipreg fit [--recipe NAME | --config FILE] [--model NAME] [LightningCLI flags ...]
+
+dipreg's own options (read before LightningCLI's, which follow below):
+  --recipe NAME   a packaged recipe (a YAML config; later flags override it), one of:
+{recipes}
+  --config FILE   a YAML config of your own (trainer:, model:, data:, heldout:, health:); may follow --recipe
+  --model NAME    the base model, an HF name or a local path (shorthand for --model.model_name NAME;
+                  default: the embedded SmolLM2-135M-Instruct)
+
+examples:
+  dipreg fit --recipe dip_reg --trainer.max_steps 20 --model.lr 1e-4
+  dipreg fit --recipe dip_reg --trainer.callbacks+=dipreg.callbacks.DipMonitor \\
+      --trainer.callbacks.pairs=comp_loose --trainer.callbacks.every_n_steps=15
+  dipreg fit --recipe dip_reg_monitored --model HuggingFaceTB/SmolLM2-360M-Instruct
+
+LightningCLI's options:
+"""
+
+
 def run_fit(argv: Sequence[str], *, run: bool = True) -> DipRegCLI:
-    """Run ``dipreg fit`` with ``argv`` (everything after ``fit``); ``run=False`` only instantiates."""
+    """Run ``dipreg fit`` with ``argv`` (everything after ``fit``); ``run=False`` only instantiates.
+
+    With ``--help``/``-h`` in ``argv``, :func:`help_header` is printed first, then LightningCLI prints its help
+    and exits (``SystemExit(0)``).
+    """
+    if "--help" in argv or "-h" in argv:
+        print(help_header(), flush=True)
     return build_cli(translate_args(argv), run=run)

@@ -109,3 +109,13 @@ def pair_correct(did: Tensor) -> Tensor:
 def strict_correct(margin_a: Tensor, margin_b: Tensor) -> Tensor:
     """Strict accuracy: ``margin_a(L) > 0`` and ``margin_b(L) < 0``."""
     return (margin_a[..., -1] > 0) & (margin_b[..., -1] < 0)
+
+
+def aligned_did(did: Tensor) -> Tensor:
+    """The output-aligned DiD ``s·DiD(ℓ)`` with ``s = sign(DiD(L))``, shape ``(N, L)`` like ``did``.
+
+    Positive where layer ℓ prefers the answer the model outputs, negative on the wrong side (``max_wrong_dip`` is
+    the deepest negative value inside the window). An exact tie at the last layer (``s = 0``) gives a zero row;
+    a non-finite entry stays non-finite (``NaN·0`` included).
+    """
+    return output_sign(did).unsqueeze(-1) * did

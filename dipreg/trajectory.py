@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from rich.progress import track
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import Tensor, nn
 
 from dipreg import metrics
@@ -25,6 +33,33 @@ from dipreg.stimuli import MinimalPair, StimulusError, candidate_token_ids
 #: An item whose internal preference still disagrees with the output at or beyond this relative depth
 #: binds its answer late (the paper's "late-binding rate").
 LATE_BINDING_DEPTH = 0.90
+
+#: A subset whose contexts are answered with one candidate in at least this share at the last layer is degenerate:
+#: the model gives the same answer whatever the context, so ``accuracy`` (``DiD(L) > 0``) then measures only how the
+#: margin moves between the two contexts, and ``strict_accuracy`` is the honest number.
+DEGENERATE_SHARE = 0.95
+
+
+def answer_shares(margin_a: Tensor, margin_b: Tensor) -> tuple[float, float]:
+    """``(answer_pos_share, answer_neg_share)``: the share of the ``2N`` contexts answered ``t_pos`` / ``t_neg``.
+
+    A context is answered ``t_pos`` when its last-layer margin is > 0 and ``t_neg`` when it is < 0; an exact tie
+    (margin 0) or a non-finite margin counts in neither, so the two shares may sum to less than 1.
+    """
+    last = torch.cat([margin_a[..., -1], margin_b[..., -1]])
+    if last.numel() == 0:
+        return 0.0, 0.0
+    total = last.numel()  # exact counts over the total, so 38 of 40 is exactly 0.95 (a float32 mean is not)
+    return int((last > 0).sum()) / total, int((last < 0).sum()) / total
+
+
+def degenerate_answer(summary: dict[str, Any], share: float = DEGENERATE_SHARE) -> dict[str, Any] | None:
+    """``{"side": "t_pos"|"t_neg", "share": s}`` when one candidate answers ``≥ share`` of the contexts of a
+    subset summary (:meth:`Trajectories.subset_summary`), else ``None``."""
+    for side, key in (("t_pos", "answer_pos_share"), ("t_neg", "answer_neg_share")):
+        if summary.get("n") and summary[key] >= share:
+            return {"side": side, "share": summary[key]}
+    return None
 
 
 @dataclass
@@ -82,10 +117,16 @@ class Trajectories:
         ]
 
     def subset_summary(self, mask: Tensor) -> dict[str, float]:
-        """Accuracy, strict accuracy, mean dip, mean commit and late-binding rate over ``mask``."""
+        """Accuracy, strict accuracy, mean dip, mean commit, late-binding rate and answer shares over ``mask``.
+
+        ``answer_pos_share`` / ``answer_neg_share``: the share of the subset's ``2n`` contexts whose last-layer
+        margin is > 0 (answered ``t_pos``) / < 0 (answered ``t_neg``); an exact tie counts in neither (see
+        :func:`answer_shares`). One share near 1 means the model gives the same answer in every context.
+        """
         n = int(mask.sum())
         if n == 0:
             return {"n": 0}
+        pos_share, neg_share = answer_shares(self.margin_a[mask], self.margin_b[mask])
         return {
             "n": n,
             "accuracy": float(self.correct[mask].float().mean()),
@@ -93,6 +134,8 @@ class Trajectories:
             "mean_max_wrong_dip": float(self.max_wrong_dip[mask].mean()),
             "mean_commit_layer_frac": float(self.commit_layer_frac[mask].mean()),
             "late_binding_rate": float((self.commit_layer_frac[mask] >= LATE_BINDING_DEPTH).float().mean()),
+            "answer_pos_share": pos_share,
+            "answer_neg_share": neg_share,
         }
 
     def summary(self) -> dict[str, Any]:
@@ -110,6 +153,21 @@ class Trajectories:
             },
             "safety": self.subset_summary(safety),
         }
+
+
+def progress_bar(*, disable: bool = False) -> Progress:
+    """A transient rich progress bar counting contexts: description, bar, ``done/total contexts``, elapsed, ETA."""
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("contexts"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=disable,
+        transient=True,
+    )
 
 
 @torch.no_grad()
@@ -143,15 +201,17 @@ def context_margins(
         else ([], context_batches(tokenizer, pairs, batch_size, adapter, prompt))
     )
     out = {lens.name: torch.empty(2 * len(pairs), adapter.num_layers) for lens in lenses}
-    description = "+".join(out) + " lens"
-    with eval_mode(adapter.model):
+    description = escape("+".join(out) + " lens")  # lens names are text, never markup
+    with eval_mode(adapter.model), progress_bar(disable=not progress) as bar:
+        task = bar.add_task(description, total=2 * len(pairs))
         prefix = PrefixCache(adapter, prefix_ids) if prefix_ids else None
-        for batch in track(batches, description=description, disable=not progress, transient=True):
+        for batch in batches:
             residuals = adapter.residuals(batch.input_ids, batch.attention_mask, batch.last, prefix)
             rows = batch.rows.to(adapter.device)
             for lens in lenses:
                 margins = lens.margins(adapter, residuals, pos_ids[rows], neg_ids[rows])
                 out[lens.name][batch.rows] = margins.float().T.cpu()
+            bar.advance(task, len(batch.rows))
     return {name: (m[0::2], m[1::2]) for name, m in out.items()}
 
 

@@ -330,3 +330,64 @@ def test_hf_trainer_twin_writes_the_same_layout_and_no_empty_subsets(tmp_path, t
     assert [e.step for e in events.Scalars("dip/causal/accuracy")] == [0, 1]
     check_layout_and_subsets(events, ("logit", "causal"), pairs)
     assert events.Images("dip/trajectories")[-1].width <= 500
+
+
+def chat_tokenizer(tokenizer):
+    """A copy of the tiny tokenizer with a chat template, so that ``prompt="auto"`` means chat, not raw."""
+    import copy
+
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }} ? {% endfor %}"
+    return chat
+
+
+def test_monitor_with_prompt_none_probes_the_datamodules_raw_prompts(tmp_path, tiny_tokenizer, tiny_pairs):
+    from dipreg import DipRegModule, PairDataModule, trajectories
+    from dipreg.callbacks.probe import find_hf_model
+
+    tokenizer = chat_tokenizer(tiny_tokenizer)  # "auto" would render chat here
+    path = str(save_pairs(tiny_pairs, tmp_path / "pairs.jsonl"))
+    module = DipRegModule(model=make_tiny_model("llama"), tokenizer=tokenizer, r=4, alpha=8)
+    model = find_hf_model(module)
+    expected = {style: trajectories(model, tokenizer, tiny_pairs, prompt=style) for style in ("raw", "chat")}
+    monitor = DipMonitor(tiny_pairs, every_n_steps=5, lenses=("logit",), prompt=None)
+    retention = CompressionRetention(tiny_pairs, "rtn:bits=4", on="validation_end")
+    trainer(tmp_path, 1, [monitor, retention], limit_val_batches=0).fit(
+        module, PairDataModule(train=path, val=[path], batch_size=4, prompt="raw")
+    )
+    assert monitor.prompt is None and monitor.resolved_prompt is not None
+    assert monitor.resolved_prompt.style == "raw" and monitor.probe.prompt.style == "raw"
+    assert retention.prompt is None and retention.resolved_prompt.style == "raw"
+    step0 = monitor.history[0]
+    assert step0["step"] == 0
+    raw, chat = expected["raw"], expected["chat"]
+    assert step0["dip/logit/max_wrong_dip"] == pytest.approx(float(raw.max_wrong_dip.double().mean()), abs=1e-6)
+    assert step0["dip/logit/accuracy"] == pytest.approx(float(raw.correct.float().mean()))
+    assert step0["dip/logit/commit_layer_frac"] == pytest.approx(float(raw.commit_layer_frac.double().mean()))
+    # the chat rendering gives other numbers, so the equality above says which prompts were probed
+    assert float(chat.max_wrong_dip.double().mean()) != pytest.approx(step0["dip/logit/max_wrong_dip"], abs=1e-6)
+
+
+def test_an_explicit_prompt_wins_and_without_a_datamodule_prompt_it_is_auto(tmp_path, tiny_tokenizer, tiny_pairs):
+    from types import SimpleNamespace
+
+    from dipreg.callbacks.probe import resolve_prompt
+    from dipreg.prompting import PromptFormat
+
+    raw_data = SimpleNamespace(datamodule=SimpleNamespace(prompt=PromptFormat("raw")))
+    assert resolve_prompt("chat", raw_data, "DipMonitor").style == "chat"
+    assert resolve_prompt(None, raw_data, "DipMonitor").style == "raw"
+    assert resolve_prompt(None, SimpleNamespace(datamodule=SimpleNamespace(prompt="chat")), "x").style == "chat"
+    assert resolve_prompt(None, SimpleNamespace(datamodule=None), "DipMonitor").style == "auto"
+    assert resolve_prompt(None, None, "DipMonitor").style == "auto"
+    with pytest.warns(UserWarning, match=r"Data\.prompt is 'Q: \{q\}'.*prompt='auto'"):
+        Data = type("Data", (), {"prompt": "Q: {q}"})
+        assert resolve_prompt(None, SimpleNamespace(datamodule=Data()), "DipMonitor").style == "auto"
+    with pytest.raises(MonitorSetupError, match="prompt must be one of auto, raw, chat or None"):
+        DipMonitor(tiny_pairs, prompt="plain")
+    with pytest.raises(MonitorSetupError, match="prompt must be one of"):
+        CompressionRetention(tiny_pairs, prompt="plain")
+    # a fit on plain token batches (no datamodule): the monitor falls back to auto
+    monitor = DipMonitor(tiny_pairs, every_n_steps=5, lenses=("logit",), log_figures=False)
+    trainer(tmp_path, 1, [monitor]).fit(UserLoRAModule(tiny_tokenizer), token_batches())
+    assert monitor.resolved_prompt == PromptFormat("auto")

@@ -202,3 +202,31 @@ def test_shared_chat_prefix_reads_the_same_margins_on_the_default_model(default_
     plain = dipreg.trajectories_by_lens(model, tokenizer, pairs, ["logit"], share_prefix=False)["logit"]
     torch.testing.assert_close(shared.margin_a, plain.margin_a, atol=1e-3, rtol=0)
     torch.testing.assert_close(shared.margin_b, plain.margin_b, atol=1e-3, rtol=0)
+
+
+def test_progress_bar_counts_every_context_and_shows_count_and_eta(llama_tiny, tiny_tokenizer, tiny_pairs, monkeypatch):
+    import io
+
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn, TimeRemainingColumn
+
+    import dipreg.trajectory as trajectory_module
+
+    made = []
+    original = trajectory_module.progress_bar
+
+    def recording_bar(*, disable: bool = False):
+        bar = original(disable=disable)
+        bar.live.console = Console(file=io.StringIO())
+        made.append((disable, bar))
+        return bar
+
+    monkeypatch.setattr(trajectory_module, "progress_bar", recording_bar)
+    dipreg.trajectories(llama_tiny, tiny_tokenizer, tiny_pairs, batch_size=3, progress=True)
+    ((disable, bar),) = made
+    assert not disable
+    kinds = {type(column) for column in bar.columns}
+    assert {MofNCompleteColumn, TimeRemainingColumn} <= kinds
+    (task,) = bar.tasks
+    assert task.total == 2 * len(tiny_pairs)
+    assert task.completed == 2 * len(tiny_pairs)

@@ -98,3 +98,13 @@ def test_an_all_zero_trajectory_is_flagged_and_its_tie_dip_is_plus_zero():
     assert all_zero.tolist() == [True, False, False, False]
     dip = metrics.max_wrong_dip(d[:1])
     assert dip.item() == 0.0 and not torch.signbit(dip).item()  # never -0.0
+
+
+def test_aligned_did_multiplies_each_row_by_the_sign_of_its_last_entry():
+    rows = [[0.5, -1.0, 2.0], [0.5, -1.0, -2.0], [1.0, 3.0, 0.0]]
+    expected = [[v * ((r[-1] > 0) - (r[-1] < 0)) for v in r] for r in rows]  # plain-Python sign
+    got = metrics.aligned_did(torch.tensor(rows, dtype=torch.float64))
+    assert got.tolist() == expected
+    # the dip is the deepest negative aligned value inside the window, for every row with a decided output
+    d = did(0.1, 0.2, 0.8, 0.2, -0.1, -0.2, -0.3, -0.4, -0.5, -1.0)
+    assert -metrics.aligned_did(d)[0, 2:9].min().item() == pytest.approx(metrics.max_wrong_dip(d).item())

@@ -272,8 +272,8 @@ def test_recipe_and_model_flags_are_translated_with_configs_first():
     ]
 
 
-def test_all_five_recipes_are_packaged():
-    assert set(RECIPES) == {"output_only", "late_only", "dip_reg", "dip_reg_l005", "dip_reg_l05"}
+def test_all_six_recipes_are_packaged():
+    assert set(RECIPES) == {"output_only", "late_only", "dip_reg", "dip_reg_l005", "dip_reg_l05", "dip_reg_monitored"}
 
 
 def test_unknown_recipe_and_missing_config_give_clear_errors(capsys):
@@ -566,3 +566,50 @@ def test_default_model_with_lr_1e9_stops_at_ln_v(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert rc == 2, err
     assert "Training stopped at optimizer step" in err and "ln(49152) = 10.8027" in err
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_packaged_recipe_instantiates_on_a_tiny_saved_model(name, tiny_model_dir, tmp_path):
+    from dipreg.callbacks import CompressionRetention, DipMonitor
+    from dipreg.callbacks.probe import resolve_prompt
+    from dipreg.recipes import load_recipe
+
+    recipe = load_recipe(name)
+    cli = run_fit(["--recipe", name, "--model", tiny_model_dir, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert str(cli.model.model.name_or_path) == tiny_model_dir
+    assert cli.datamodule.prompt.style == recipe["data"]["prompt"] == "raw"
+    assert cli.trainer.max_steps == recipe["trainer"]["max_steps"] > 0
+    hinge = [loss.weight for loss in cli.model.aux_losses if isinstance(loss, WrongMarginHinge)]
+    assert hinge == [a["init_args"]["weight"] for a in recipe["model"]["aux_losses"]]
+    wanted = [c["class_path"].rsplit(".", 1)[1] for c in recipe["trainer"].get("callbacks", [])]
+    ours = {"DipMonitor", "CompressionRetention"}
+    assert [type(c).__name__ for c in cli.trainer.callbacks if type(c).__name__ in ours] == wanted
+    if name != "dip_reg_monitored":
+        return
+    (monitor,) = [c for c in cli.trainer.callbacks if isinstance(c, DipMonitor)]
+    (retention,) = [c for c in cli.trainer.callbacks if isinstance(c, CompressionRetention)]
+    assert (monitor.pairs_spec, monitor.every_n_steps, monitor.lenses) == ("comp_loose", 15, ("logit", "causal"))
+    assert (retention.pairs_spec, retention.on) == ("comp_strict", "checkpoint")
+    assert retention.specs == [("mid_svd", {"rank": 64}), ("late_svd", {"rank": 64}), ("rtn", {"bits": 3})]
+    # prompt: null in the recipe, so both probe the data's (raw) prompts, as the fit trains on them
+    trainer = SimpleNamespace(datamodule=cli.datamodule)
+    for callback in (monitor, retention):
+        assert callback.prompt is None
+        assert resolve_prompt(callback.prompt, trainer, "test").style == "raw"
+    assert any(isinstance(c, HeldOutEval) for c in cli.trainer.callbacks)  # dipreg's own callbacks are kept
+
+
+def test_fit_help_starts_with_dipregs_options_and_every_packaged_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_fit(["--help"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dipreg fit [--recipe NAME")
+    header, sep, lightning_help = out.partition("LightningCLI's options:")
+    assert sep and "--trainer.accelerator" in lightning_help and "--trainer.accelerator" not in header
+    for option in ("--recipe NAME", "--config FILE", "--model NAME"):
+        assert option in header
+    for name in RECIPES:
+        assert re.search(rf"^ +{name}$", header, re.MULTILINE), name
+    assert "--trainer.callbacks+=dipreg.callbacks.DipMonitor" in header
+    assert "dipreg fit --recipe dip_reg_monitored" in header
