@@ -217,21 +217,25 @@ class NaNStepModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit_with_monitor(env: Env, module: pl.LightningModule, data: Any) -> str:
-    """Fit 2 steps with a DipMonitor probing every step; returns the history file's text after strict checks."""
-    monitor = DipMonitor(env.tiny_pairs, every_n_steps=1, lenses=("logit",), log_figures=False)
-    trainer = pl.Trainer(
+def bare_trainer(env: Env, max_steps: int, callback: pl.Callback) -> pl.Trainer:
+    """A CPU Trainer with nothing attached but ``callback`` (no logger, checkpoints, progress bar or validation)."""
+    return pl.Trainer(
         default_root_dir=env.tmp,
-        max_steps=2,
+        max_steps=max_steps,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         limit_val_batches=0,
-        callbacks=[monitor],
+        callbacks=[callback],
     )
-    trainer.fit(module, data)
+
+
+def fit_with_monitor(env: Env, module: pl.LightningModule, data: Any) -> str:
+    """Fit 2 steps with a DipMonitor probing every step; returns the history file's text after strict checks."""
+    monitor = DipMonitor(env.tiny_pairs, every_n_steps=1, lenses=("logit",), log_figures=False)
+    bare_trainer(env, 2, monitor).fit(module, data)
     last = monitor.history[-1]
     assert math.isnan(last["dip/logit/max_wrong_dip"]) and math.isnan(last["dip/logit/commit_layer_frac"])
     assert math.isnan(last["dip/logit/accuracy"])
@@ -309,18 +313,7 @@ def body_changes_dtype(env: Env) -> None:
 
 def fit_with_health(env: Env, module: pl.LightningModule, data: Any, **health: Any) -> None:
     """Fit up to 30 steps with only :class:`TrainingHealth` attached."""
-    trainer = pl.Trainer(
-        default_root_dir=env.tmp,
-        max_steps=30,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        callbacks=[TrainingHealth(**health)],
-    )
-    trainer.fit(module, data)
+    bare_trainer(env, 30, TrainingHealth(**health)).fit(module, data)
 
 
 def nan_loss_fit(env: Env, **health: Any) -> None:
