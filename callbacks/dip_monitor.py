@@ -7,13 +7,14 @@ in the checkpoint so that a resumed run continues its curves.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dipreg.artifacts import write_json
 from dipreg.callbacks.figures import history_figure, trajectory_figure
@@ -181,8 +182,12 @@ class DipMonitor(Callback):
         index = len(self.history)
         lenses = self.schedule.lenses_for(index)
         tokenizer = self._tokenizer(pl_module, model)
-        result = self.probe.run(model, tokenizer, trainer.global_rank, trainer.world_size, lenses)
         step = trainer.global_step
+        # One line when a probe starts and one when it ends, so a long probe never looks like a hang.
+        rank_zero_info(f"DipMonitor: probing at step {step}: {len(self.probe.pairs)} pairs, lenses {'+'.join(lenses)}")
+        start = time.perf_counter()
+        result = self.probe.run(model, tokenizer, trainer.global_rank, trainer.world_size, lenses)
+        rank_zero_info(f"DipMonitor: probe at step {step} took {time.perf_counter() - start:.1f} s")
         self.last_step = step
         self.history.append({"step": float(step), **result.scalars})
         unreadable = result.unreadable_message(len(self.probe.pairs))

@@ -391,3 +391,27 @@ def test_an_explicit_prompt_wins_and_without_a_datamodule_prompt_it_is_auto(tmp_
     monitor = DipMonitor(tiny_pairs, every_n_steps=5, lenses=("logit",), log_figures=False)
     trainer(tmp_path, 1, [monitor]).fit(UserLoRAModule(tiny_tokenizer), token_batches())
     assert monitor.resolved_prompt == PromptFormat("auto")
+
+
+def test_every_probe_logs_one_line_when_it_starts_and_one_when_it_ends(tmp_path, tiny_tokenizer, tiny_pairs, caplog):
+    import logging
+
+    # Lightning's logger propagates to the root logger that caplog listens on only when the root had handlers when
+    # Lightning was imported; otherwise attach caplog's handler to it directly (never both: records would double).
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    attach = not lightning_logger.propagate
+    if attach:
+        lightning_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            monitor = DipMonitor(tiny_pairs, every_n_steps=2, lenses=("logit", "causal"), log_figures=False)
+            trainer(tmp_path, 4, [monitor]).fit(UserLoRAModule(tiny_tokenizer), token_batches())
+    finally:
+        if attach:
+            lightning_logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DipMonitor: ")]
+    starts = [line for line in lines if "probing at step" in line]
+    ends = [line for line in lines if re.fullmatch(r"DipMonitor: probe at step \d+ took \d+\.\d s", line)]
+    steps = [int(h["step"]) for h in monitor.history]
+    assert starts == [f"DipMonitor: probing at step {s}: {len(tiny_pairs)} pairs, lenses logit+causal" for s in steps]
+    assert [int(re.search(r"step (\d+)", line).group(1)) for line in ends] == steps
