@@ -134,12 +134,7 @@ def translate_args(argv: Sequence[str]) -> list[str]:
         if key == "--recipe":
             configs += ["--config", str(check_config_file(recipe_path(value)))]
         elif key == "--config":
-            if not Path(value).is_file():
-                raise FileNotFoundError(
-                    f"Config file {value!r} does not exist. Pass an existing YAML file "
-                    f"or --recipe NAME ({', '.join(RECIPES)})."
-                )
-            check_config_file(value)
+            check_config_file(value)  # a missing file raises FileNotFoundError naming it
             configs += ["--config", value]
         elif key == "--model" and not _is_config_value(value):
             rest += ["--model.model_name", value]

@@ -11,17 +11,25 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 
-def tensor_digest(tensor: Tensor) -> str:
-    """SHA-256 over the dtype, shape and raw bytes of one tensor (bit-exact: ``-0.0`` and NaN payloads count)."""
+def _hash_tensor(digest: Any, tensor: Tensor) -> None:
+    """Feed ``dtype|shape|`` and the raw bytes of ``tensor`` into ``digest`` (bit-exact: ``-0.0`` and NaN payloads
+    count). The one encoding both :func:`tensor_digest` and :func:`state_checksum` use."""
     data = tensor.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{data.dtype}|{tuple(data.shape)}|".encode())
+    digest.update(f"{data.dtype}|{tuple(data.shape)}|".encode())
     digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """SHA-256 over the dtype, shape and raw bytes of one tensor."""
+    digest = hashlib.sha256()
+    _hash_tensor(digest, tensor)
     return digest.hexdigest()
 
 
@@ -111,9 +119,8 @@ def state_checksum(model: nn.Module) -> str:
     digest = hashlib.sha256()
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, tensor in tensors:
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(f"{name}|".encode())
+        _hash_tensor(digest, tensor)
     return digest.hexdigest()
 
 
