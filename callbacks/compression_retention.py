@@ -1,19 +1,22 @@
 """`CompressionRetention`: run compression-retention evals on the live model at checkpoints or validation end.
 
 Each degradation from :mod:`dipreg.eval` is applied to the live model inside a ``with`` block and restored
-bit-exactly (checked by checksum); the numbers come from the same code as `dipreg degrade`
+bit-exactly (checked by checksum); under a sharding strategy it is applied to the gathered full matrices and written
+back into every rank's shard (:func:`degraded`); the numbers come from the same code as `dipreg degrade`
 (:func:`dipreg.eval.stats.operator_result`), so the two always agree. Nothing here touches the
 training graph: every measurement runs under ``no_grad`` in eval mode.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 from dipreg.callbacks.probe import (
     ModelGetter,
@@ -23,7 +26,8 @@ from dipreg.callbacks.probe import (
     resolve_prompt,
     resolve_tokenizer,
 )
-from dipreg.eval.degradation.operators import degrade, get_operator, op_label, parse_ops
+from dipreg.callbacks.sharding import FullWeights, all_ranks_agree, gathered_unembedding, local_checksum
+from dipreg.eval.degradation.operators import RestoreError, degrade, get_operator, op_label, parse_ops
 from dipreg.eval.stats import operator_result
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.prompting import PromptFormat
@@ -33,12 +37,49 @@ from dipreg.trajectory import trajectories
 DEFAULT_DEGRADATIONS = "late_svd:rank=64,mid_svd:rank=64,rtn:bits=3"
 
 
+@contextlib.contextmanager
+def degraded(model: nn.Module, weights: FullWeights, op: str, **params: Any) -> Iterator[None]:
+    """:func:`~dipreg.eval.degrade` ``(model, op, verify=True)`` that also works when a strategy shards the weights.
+
+    Under sharding the operator is applied to the full matrices (gathered by ``weights``) and the result written
+    into every rank's shard; the body runs on the sharded, degraded model; then the matrices are gathered again and
+    restored, and the whole-model checksum (:func:`~dipreg.eval.state_checksum`, over the full weights) is checked as
+    ``degrade(verify=True)`` does, plus each rank's own shard bytes (:func:`~dipreg.callbacks.sharding.local_checksum`)
+    on every rank. Without sharding it is ``degrade(model, op, verify=True)``. Collective under sharding.
+
+    Raises:
+        RestoreError: a rank's shard did not come back bit-exactly (raised on every rank).
+    """
+    if weights.backend is None:
+        with degrade(model, op, verify=True, **params):
+            yield
+        return
+    before = local_checksum(weights.root)
+    context = degrade(model, op, verify=True, **params)
+    with weights.gathered():
+        context.__enter__()
+    try:
+        yield
+    except BaseException as err:
+        with weights.gathered():
+            if not context.__exit__(type(err), err, err.__traceback__):
+                raise
+    else:
+        with weights.gathered():
+            context.__exit__(None, None, None)
+    if not all_ranks_agree(local_checksum(weights.root) == before):
+        raise RestoreError(f"{op_label(op, params)} did not restore every rank's shard of the weights bit-exactly.")
+
+
 class CompressionRetention(Callback):
     """Log retention accuracy and dip-stratified flips of the live model under each degradation.
 
     Scalars under ``retention/``: ``intact_accuracy`` and, per degradation label, ``accuracy``, ``flips``,
     ``dip_high_flip_rate``, ``dip_low_flip_rate``, ``dip_mw_p`` (Mann–Whitney p, dying vs surviving dip).
-    Every rank measures the same (replicated) model and no collective is called; loggers write on rank zero.
+    Every rank measures every pair, so every rank runs the same forwards; under DDP no collective is called. Under
+    FSDP or DeepSpeed ZeRO-3 the unembedding is read inside the strategy's full-parameter context and every
+    degradation acts on the gathered full matrices (:func:`degraded`): every rank must evaluate, and each needs
+    the memory of one full copy of the weights while they are gathered. Loggers write on rank zero.
 
     Args:
         pairs: evaluation pairs: a built-in set name, a JSONL path, or a sequence of ``MinimalPair``.
@@ -112,24 +153,29 @@ class CompressionRetention(Callback):
         return resolve_tokenizer(self.tokenizer, pl_module, "CompressionRetention", model)
 
     @torch.no_grad()
-    def evaluate(self, pl_module: pl.LightningModule) -> dict[str, float]:
-        """Measure the intact model, then each degradation; return the scalars (also usable outside a Trainer)."""
+    def evaluate(self, pl_module: pl.LightningModule, root: nn.Module | None = None) -> dict[str, float]:
+        """Measure the intact model, then each degradation; return the scalars (also usable outside a Trainer).
+
+        ``root``: the outermost module a sharding strategy wrapped (``trainer.model``; default ``pl_module``)."""
         model = find_hf_model(pl_module, self.model_getter)
         tokenizer = self._tokenizer(pl_module, model)
         prompt = self.resolved_prompt or resolve_prompt(self.prompt, None, "CompressionRetention")
+        root = pl_module if root is None else root
 
         def measure():
-            return trajectories(
-                model, tokenizer, self.pairs, batch_size=self.batch_size, window=self.window, prompt=prompt
-            )
+            with gathered_unembedding(root, model):
+                return trajectories(
+                    model, tokenizer, self.pairs, batch_size=self.batch_size, window=self.window, prompt=prompt
+                )
 
         intact = measure()
         scalars = {"retention/intact_accuracy": float(intact.correct.float().mean())}
+        weights = FullWeights(root)
         for name, params in self.specs:
             label = op_label(name, params)
-            with degrade(model, name, verify=True, **params):
-                degraded = measure()
-            result = operator_result(intact, degraded)
+            with degraded(model, weights, name, **params):
+                after = measure()
+            result = operator_result(intact, after)
             dip = result["stratification"]["dip"]
             scalars |= {
                 f"retention/{label}/accuracy": result["accuracy"],
@@ -144,7 +190,7 @@ class CompressionRetention(Callback):
         step = trainer.global_step
         if any(int(h["step"]) == step for h in self.history):
             return
-        scalars = self.evaluate(pl_module)
+        scalars = self.evaluate(pl_module, trainer.model)
         self.history.append({"step": float(step), **scalars})
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)

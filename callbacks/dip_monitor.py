@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torchmetrics.aggregation import MeanMetric
 
+from dipreg.agreement import item_agreement
 from dipreg.artifacts import write_json
 from dipreg.callbacks.figures import history_figure, trajectory_figure
 from dipreg.callbacks.probe import (
@@ -45,6 +48,11 @@ class DipMonitor(Callback):
     one process. An item whose trajectory is NaN/infinite or exactly 0 at every layer (a diverged model) counts as
     NaN, so the scalars covering it are logged as NaN (never as a clean-looking 0), and a warning
     (``rank_zero_warn``) says how many items each lens could not read.
+
+    When a probe reads both the logit and the causal lens it also logs the lens agreement (:mod:`dipreg.agreement`):
+    ``dip/agreement/spearman`` and ``dip/agreement/sign``, the per-item means over the probe set. At the end of fit
+    it probes once more with every lens (``on_train_end``), unless the last step was just probed, so the last
+    history entry is always the final weights.
 
     Args:
         pairs: probe pairs: a built-in set name, a JSONL path, or a sequence of ``MinimalPair``.
@@ -117,6 +125,8 @@ class DipMonitor(Callback):
         self.probe: DipProbe | None = None
         self.history: list[dict[str, float]] = []
         self.last_step = -1
+        self._agreement_metrics: dict[str, MeanMetric] = {}
+        self._final_probe = False
 
     @property
     def state_key(self) -> str:
@@ -180,15 +190,16 @@ class DipMonitor(Callback):
         assert self.probe is not None, "setup() did not run"
         model = find_hf_model(pl_module, self.model_getter)
         index = len(self.history)
-        lenses = self.schedule.lenses_for(index)
+        lenses = self.lenses if self._final_probe else self.schedule.lenses_for(index)
         tokenizer = self._tokenizer(pl_module, model)
         step = trainer.global_step
         # One line when a probe starts and one when it ends, so a long probe never looks like a hang.
         rank_zero_info(f"DipMonitor: probing at step {step}: {len(self.probe.pairs)} pairs, lenses {'+'.join(lenses)}")
         start = time.perf_counter()
-        result = self.probe.run(model, tokenizer, trainer.global_rank, trainer.world_size, lenses)
+        result = self.probe.run(model, tokenizer, trainer.global_rank, trainer.world_size, lenses, root=trainer.model)
         rank_zero_info(f"DipMonitor: probe at step {step} took {time.perf_counter() - start:.1f} s")
         self.last_step = step
+        result.scalars.update(self._agreement(result, model))
         self.history.append({"step": float(step), **result.scalars})
         unreadable = result.unreadable_message(len(self.probe.pairs))
         if unreadable:
@@ -197,6 +208,25 @@ class DipMonitor(Callback):
             logger.log_metrics(result.scalars, step=step)
         if trainer.is_global_zero and self.log_figures and self.schedule.figures_for(index):
             self._log_figures(trainer, result, step)
+
+    def _agreement(self, result: ProbeResult, model: Any) -> dict[str, float]:
+        """``dip/agreement/{spearman,sign}`` (:mod:`dipreg.agreement`) when this probe read both the logit and the
+        causal lens: per-item means over this rank's items, reduced over ranks (collective, like the probe)."""
+        if not {"logit", "causal"} <= set(result.local):
+            return {}
+        device = next(model.parameters()).device
+        rho, sign = item_agreement(result.local["logit"].did, result.local["causal"].did, self.window)
+        out = {}
+        for name, values in (("spearman", rho), ("sign", sign)):
+            metric = self._agreement_metrics.setdefault(name, MeanMetric(nan_strategy="ignore")).to(device)
+            kept = torch.tensor([v for v in values if v == v], dtype=torch.float64, device=device)  # NaN: undefined
+            if kept.numel():
+                metric.update(kept)
+            else:  # an empty shard still updates, so that every rank syncs the same metric
+                metric.update(torch.zeros(1, dtype=torch.float64, device=device), weight=0.0)
+            out[f"dip/agreement/{name}"] = float(metric.compute())
+            metric.reset()
+        return out
 
     def _log_figures(self, trainer: pl.Trainer, result: ProbeResult, step: int) -> None:
         writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_figure")]
@@ -207,7 +237,14 @@ class DipMonitor(Callback):
             writer.add_figure("dip/history", history_figure(self.history, self.lenses), step, close=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the history JSON next to the logs (global rank zero)."""
+        """Probe the final weights with every lens (unless the last step was just probed), then write the history
+        JSON next to the logs (global rank zero)."""
+        if self.probe is not None and trainer.global_step not in self._steps_done():
+            self._final_probe = True  # every lens, whatever causal_every says: these are the final numbers
+            try:
+                self._probe(trainer, pl_module)
+            finally:
+                self._final_probe = False
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: every rank asks
         if trainer.is_global_zero:
             folder.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,21 @@ DPI = 100
 FONT_SIZE = 12
 
 
+#: The y label of a monitor trajectory panel: the audit's "sign(DiD(L))·DiD(ℓ), mean & IQR" is taller than a
+#: 3-inch panel at 12 points (272 px against 220), so the statistic moves into the panel title.
+TRAJECTORY_YLABEL = "sign(DiD(L))·DiD(ℓ)"
+
+
 def trajectory_figure(by_lens: Mapping[str, Trajectories]) -> Figure:
-    """Mean DiD per family against relative depth, one panel per lens, stacked in one column (the audit's figure)."""
-    return family_trajectory_figure(
+    """Mean output-aligned DiD per family (inter-quartile band) against relative depth, one panel per lens, stacked
+    in one column (the audit's figure, with a y label short enough for the panel)."""
+    fig = family_trajectory_figure(
         by_lens, stacked=True, panel_size=(PANEL_WIDTH, PANEL_HEIGHT), fontsize=FONT_SIZE, dpi=DPI
     )
+    for ax in fig.axes:
+        ax.set_ylabel(TRAJECTORY_YLABEL, fontsize=FONT_SIZE)
+        ax.set_title(f"{ax.get_title()} · mean, IQR band", fontsize=FONT_SIZE + 1)
+    return fig
 
 
 def history_figure(history: Sequence[Mapping[str, float]], lenses: Sequence[str]) -> Figure:

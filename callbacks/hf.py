@@ -17,7 +17,14 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from dipreg.artifacts import write_json
 from dipreg.callbacks.figures import history_figure, trajectory_figure
-from dipreg.callbacks.probe import DipProbe, MonitorSetupError, ProbeSchedule, positive_int, resolve_pairs
+from dipreg.callbacks.probe import (
+    DipProbe,
+    MonitorSetupError,
+    ProbeSchedule,
+    _tokenizer_from_model,
+    positive_int,
+    resolve_pairs,
+)
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.stimuli import MinimalPair
 
@@ -31,7 +38,8 @@ class DipMonitorCallback(TrainerCallback):
 
     Args:
         pairs: probe pairs (built-in name, JSONL path, or ``MinimalPair`` sequence).
-        tokenizer: the tokenizer; default the Trainer's ``processing_class``.
+        tokenizer: the tokenizer; default the Trainer's ``processing_class``, else the tokenizer saved with the
+            model (``AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)``).
         every_n_steps: probe every N optimizer steps, plus once before training.
         lenses: lens names.
         batch_size: contexts per probe forward.
@@ -74,10 +82,20 @@ class DipMonitorCallback(TrainerCallback):
         self.writer: SummaryWriter | None = None
 
     def _tokenizer(self, kwargs: dict[str, Any]) -> Any:
+        """``tokenizer=``, else the Trainer's ``processing_class`` (or ``tokenizer``), else the tokenizer saved where
+        the model was loaded from (its ``name_or_path``, local files only), as the Lightning monitor finds it."""
         tokenizer = self.tokenizer or kwargs.get("processing_class") or kwargs.get("tokenizer")
-        if tokenizer is None:
-            raise MonitorSetupError("DipMonitorCallback needs a tokenizer: pass tokenizer=... or processing_class=.")
-        return tokenizer
+        if tokenizer is not None:
+            return tokenizer
+        loaded, why_not = _tokenizer_from_model(kwargs.get("model"))
+        if loaded is None:
+            raise MonitorSetupError(
+                "DipMonitorCallback needs a tokenizer and found none. Tried: the tokenizer= argument (not given); "
+                f"the Trainer's processing_class (not given); {why_not}. Pass tokenizer=... or processing_class=..., "
+                "or save the tokenizer next to the model (tokenizer.save_pretrained(path))."
+            )
+        self.tokenizer = loaded
+        return loaded
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

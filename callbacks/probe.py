@@ -6,6 +6,7 @@ It measures the live model (eval mode and no grad for the call, previous mode re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 import re
@@ -19,6 +20,8 @@ from torchmetrics.aggregation import MeanMetric, SumMetric
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dipreg.adapter import ModelAdapter
+from dipreg.batching import shared_prefix_length, tokenize_contexts
+from dipreg.callbacks.sharding import gathered_unembedding
 from dipreg.metrics import DEFAULT_WINDOW, unreadable_items, validate_window
 from dipreg.prompting import PROMPT_STYLES, PromptFormat
 from dipreg.stimuli import MinimalPair, audit_single_token, load_pairs
@@ -217,6 +220,8 @@ class ProbeSchedule:
 class ProbeResult:
     """One probe: reduced scalars (identical on every rank), and this rank's trajectories per lens.
 
+    ``item_ids`` are the ids of the pairs this rank measured (its shard, without the padding rows).
+
     ``non_finite`` and ``all_zero`` count, per lens and over every rank, the items whose DiD trajectory holds a
     NaN/infinity or is exactly 0 at every layer (see :func:`dipreg.metrics.unreadable_items`); their statistics
     entered the scalars as NaN, so a scalar covering such an item is NaN.
@@ -224,6 +229,7 @@ class ProbeResult:
 
     scalars: dict[str, float]
     local: dict[str, Trajectories]
+    item_ids: list[str] = field(default_factory=list)
     non_finite: dict[str, int] = field(default_factory=dict)
     all_zero: dict[str, int] = field(default_factory=dict)
 
@@ -252,6 +258,11 @@ def _in_subset(pair: MinimalPair, prefix: str) -> bool:
     return True
 
 
+def _first(traj: Trajectories, n: int) -> Trajectories:
+    """The first ``n`` items of ``traj`` (the padding rows after them dropped)."""
+    return Trajectories(traj.pairs[:n], traj.lens, traj.margin_a[:n], traj.margin_b[:n], traj.window)
+
+
 def _nan_where(mask: Tensor, values: Tensor) -> Tensor:
     """``values`` as float64 with NaN where ``mask`` is True."""
     return torch.where(mask, torch.full_like(values, float("nan"), dtype=torch.float64), values.double())
@@ -260,11 +271,16 @@ def _nan_where(mask: Tensor, values: Tensor) -> Tensor:
 class DipProbe:
     """Measures held-out accuracy, dips and commit depths of a model on a pair set, sharded across ranks.
 
-    Each rank measures ``pairs[rank::world_size]``; per-item statistics go into torchmetrics ``MeanMetric``
-    objects whose ``compute()`` reduces across processes, so every rank (and a 1-process run) gets the same
-    scalars. Every rank must call :meth:`run` (``compute`` is collective). An item whose trajectory is unreadable
-    (non-finite, or exactly 0 at every layer: :func:`dipreg.metrics.unreadable_items`) contributes NaN to every
-    statistic, so the means covering it are NaN rather than a number computed without it; the result counts them.
+    Each rank measures ``pairs[rank::world_size]``, padded to ``ceil(n / world_size)`` pairs with copies of its
+    first pair (:meth:`shard`), so that every rank runs the same number of forwards with the same number of rows:
+    under FSDP or DeepSpeed ZeRO-3 every forward gathers weights collectively, and unequal counts would hang. The
+    padding rows are measured and dropped before any statistic. The weights outside the decoder blocks (embeddings,
+    final norm, unembedding) are read inside the strategy's full-parameter context
+    (:func:`~dipreg.callbacks.sharding.gathered_unembedding`). Per-item statistics go into torchmetrics
+    ``MeanMetric`` objects whose ``compute()`` reduces across processes, so every rank (and a 1-process run) gets
+    the same scalars. Every rank must call :meth:`run` (``compute`` is collective). An item whose trajectory is
+    unreadable (non-finite, or exactly 0 at every layer: :func:`dipreg.metrics.unreadable_items`) contributes NaN to
+    every statistic, so the means covering it are NaN rather than a number computed without it; the result counts them.
     Scalars cover all items, each family (``family/<name>/``) and the safety items (``safety/``), the last only when
     the pair set has any (:attr:`subsets`): an empty subset would only ever log NaN.
 
@@ -293,7 +309,8 @@ class DipProbe:
         self.lenses = tuple(lenses)
         self.batch_size = batch_size
         self.window = validate_window(window)
-        self.prompt = prompt
+        # fewshot draws its worked examples from the whole probe set, never from one rank's shard
+        self.prompt = (PromptFormat(prompt) if isinstance(prompt, str) else prompt).with_pool(self.pairs)
         self.lens_options = lens_options or {}
         self.families = sorted({p.family for p in self.pairs})
         # Tag prefixes of the subsets with at least one item ("" = all items): a subset without items would only
@@ -303,6 +320,30 @@ class DipProbe:
             self.subsets.append("safety/")
         self._metrics: dict[str, MeanMetric] = {}
         self._counts: dict[str, SumMetric] = {}
+        self._share_prefix: bool | None = None
+
+    def shard(self, rank: int, world_size: int) -> tuple[list[MinimalPair], int]:
+        """``(pairs, n_real)``: rank ``rank``'s pairs ``pairs[rank::world_size]`` followed by copies of its first
+        pair (of the first pair of the set when the shard is empty) up to ``ceil(n / world_size)`` pairs, the same
+        count on every rank; the first ``n_real`` are its own."""
+        own = self.pairs[rank::world_size]
+        size = -(-len(self.pairs) // world_size)
+        filler = own[0] if own else self.pairs[0]
+        # The audit refuses repeated ids within one call: each copy gets its own (dropped with the row anyway).
+        padding = [dataclasses.replace(filler, id=f"{filler.id}#padding-{k}") for k in range(size - len(own))]
+        return own + padding, len(own)
+
+    def share_prefix(self, tokenizer: Any) -> bool:
+        """Whether the probe runs the token prefix its contexts share once into a KV cache (one extra forward).
+
+        Decided on the whole pair set, so every rank decides alike: a shard may share a prefix where the whole set
+        shares none, and that rank alone would run the extra forward. When the whole set shares a prefix, every
+        shard shares at least that one.
+        """
+        if self._share_prefix is None:
+            prompt = PromptFormat(self.prompt) if isinstance(self.prompt, str) else self.prompt
+            self._share_prefix = shared_prefix_length(tokenize_contexts(tokenizer, self.pairs, None, prompt)) > 0
+        return self._share_prefix
 
     def custom_scalars_layout(self) -> dict[str, dict[str, list[Any]]]:
         """The TensorBoard custom-scalars layout of the probe's scalars, for ``SummaryWriter.add_custom_scalars``.
@@ -366,25 +407,34 @@ class DipProbe:
         rank: int = 0,
         world_size: int = 1,
         lenses: Sequence[str] | None = None,
+        *,
+        root: nn.Module | None = None,
     ) -> ProbeResult:
         """Measure this rank's shard under ``lenses`` (default: every lens of the probe), reduce, and return the
-        scalars of those lenses. Every rank must pass the same lenses."""
+        scalars of those lenses. Every rank must pass the same lenses.
+
+        ``root`` is the outermost module a sharding strategy wrapped (``trainer.model``; default ``model``): the
+        weights it shards outside the decoder blocks are gathered for the probe."""
         lenses = self.lenses if lenses is None else tuple(lenses)
         unknown = [lens for lens in lenses if lens not in self.lenses]
         if not lenses or unknown:
             raise MonitorSetupError(f"Probe lenses must be a non-empty subset of {self.lenses}, got {lenses}.")
-        shard = self.pairs[rank::world_size]
+        padded, n_real = self.shard(rank, world_size)
+        shard = padded[:n_real]
         device = next(model.parameters()).device
-        local = trajectories_by_lens(
-            model,
-            tokenizer,
-            shard,
-            lenses,
-            batch_size=self.batch_size,
-            window=self.window,
-            prompt=self.prompt,
-            lens_options=self.lens_options,
-        )
+        with gathered_unembedding(model if root is None else root, model):
+            measured = trajectories_by_lens(
+                model,
+                tokenizer,
+                padded,
+                lenses,
+                batch_size=self.batch_size,
+                window=self.window,
+                prompt=self.prompt,
+                lens_options=self.lens_options,
+                share_prefix=world_size == 1 or self.share_prefix(tokenizer),
+            )
+        local = {lens: _first(traj, n_real) for lens, traj in measured.items()}
         non_finite: dict[str, int] = {}
         all_zero: dict[str, int] = {}
         for lens, traj in local.items():
@@ -407,4 +457,10 @@ class DipProbe:
             metric = self._metrics[key]
             scalars[key] = float(metric.compute())
             metric.reset()
-        return ProbeResult(scalars=scalars, local=local, non_finite=non_finite, all_zero=all_zero)
+        return ProbeResult(
+            scalars=scalars,
+            local=local,
+            item_ids=[p.id for p in shard],
+            non_finite=non_finite,
+            all_zero=all_zero,
+        )

@@ -3,6 +3,11 @@
 Everything else (lenses, patchscope, hinge loss, degradations) asks a :class:`ModelAdapter`. The adapter
 captures residual streams with forward hooks on the decoder layers, because ``output_hidden_states``
 differs by architecture about whether its last entry is already normed.
+
+Precision and placement: the final norm runs as the model runs it (in the model's dtype), then the normed residual
+and the two unembedding rows are upcast, so every margin, DiD and hinge is computed in float32 whatever the model's
+dtype. Inputs go to the embedding's execution device, margins are read on the unembedding's; blocks in between may
+sit anywhere (accelerate device maps, CPU or disk offload: see :mod:`dipreg.devices`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+
+from dipreg.devices import execution_device, onloaded
 
 if TYPE_CHECKING:
     from dipreg.kv_prefix import PrefixCache
@@ -108,8 +115,14 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        """Device of the unembedding weights."""
-        return self.lm_head.weight.device
+        """The device the unembedding runs on (where margins are read); under accelerate its execution device."""
+        return execution_device(self.lm_head)
+
+    @property
+    def input_device(self) -> torch.device:
+        """The device token ids go to: the input embedding's execution device (not ``model.device``, which under
+        an accelerate device map is the first parameter's device, possibly ``meta``)."""
+        return execution_device(self.causal_lm.get_input_embeddings())
 
     def eval_mode(self) -> contextlib.AbstractContextManager[nn.Module]:
         """:func:`eval_mode` of the whole model (PEFT wrapper included)."""
@@ -123,9 +136,10 @@ class ModelAdapter:
         return torch.tanh(logits / self.softcap) * self.softcap
 
     def vocab_logits(self, normed: Tensor) -> Tensor:
-        """Full-vocabulary logits of residuals already through the final norm: ``lm_head`` (bias included) and the
-        softcap, as the model computes its output. Use :meth:`unembed_rows` when only a few tokens are needed."""
-        return self.apply_softcap(self.lm_head(normed))
+        """Full-vocabulary float32 logits of residuals already through the final norm: ``lm_head`` (bias included,
+        in the model's dtype, as the model computes its output), then upcast and the softcap. Use
+        :meth:`unembed_rows` when only a few tokens are needed."""
+        return self.apply_softcap(self.lm_head(normed).float())
 
     def relative_depths(self) -> Tensor:
         """``ℓ/L`` for ``ℓ = 1..L`` (float32, on CPU)."""
@@ -139,19 +153,43 @@ class ModelAdapter:
             token_ids: ``(N,)`` one token id per item.
 
         Returns:
-            ``(..., N)`` logits, with the head's bias and the final-logit softcap where the model has them.
+            ``(..., N)`` float32 logits, with the head's bias and the final-logit softcap where the model has them.
+            The rows and ``normed`` are upcast to float32 before the product (a bfloat16 dot product over a few
+            thousand dimensions would lose two to three significant digits); the result is on :attr:`device`.
         """
-        rows = self.lm_head.weight[token_ids].to(normed.dtype)
-        logits = (normed * rows).sum(-1)
-        bias = getattr(self.lm_head, "bias", None)
+        rows, bias = self._head_rows(token_ids)
+        logits = (normed.to(rows.device, torch.float32) * rows).sum(-1)
         if bias is not None:
-            logits = logits + bias[token_ids].to(logits.dtype)
+            logits = logits + bias
         return self.apply_softcap(logits)
 
+    def _head_rows(self, token_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``lm_head`` rows (and bias entries) of ``token_ids`` in float32 on :attr:`device`, read through
+        accelerate's offload hook when the head's weights are offloaded (its parameters are then ``meta``)."""
+        device = self.device
+        with onloaded(self.lm_head):
+            weight = self.lm_head.weight
+            ids = token_ids.to(weight.device)
+            rows = weight[ids].to(device, torch.float32)
+            bias = getattr(self.lm_head, "bias", None)
+            picked = bias[ids].to(device, torch.float32) if bias is not None else None
+        return rows, picked
+
     def margin(self, residual: Tensor, pos_ids: Tensor, neg_ids: Tensor) -> Tensor:
-        """Logit-lens margin ``U[t_pos]·N(h) − U[t_neg]·N(h)`` for raw residuals ``(..., N, D)``."""
-        normed = self.final_norm(residual)
+        """Logit-lens margin ``U[t_pos]·N(h) − U[t_neg]·N(h)`` for raw residuals ``(..., N, D)``, in float32.
+
+        The final norm sees the residual in the norm's own dtype (as the model's forward does); everything after
+        it is float32 (:meth:`unembed_rows`)."""
+        normed = self.final_norm(residual.to(self.norm_dtype))
         return self.unembed_rows(normed, pos_ids) - self.unembed_rows(normed, neg_ids)
+
+    @property
+    def norm_dtype(self) -> torch.dtype:
+        """The dtype the final norm computes in (its weight's dtype; the model's dtype for a norm without one)."""
+        weight = getattr(self.final_norm, "weight", None)
+        if isinstance(weight, Tensor) and weight.is_floating_point():
+            return weight.dtype
+        return next((p.dtype for p in self.causal_lm.parameters() if p.is_floating_point()), torch.float32)
 
     @contextlib.contextmanager
     def capture(self, positions: Tensor) -> Iterator[list[Tensor | None]]:
@@ -212,7 +250,13 @@ class ModelAdapter:
         """
         with self.capture(positions) as slots:
             self.run_backbone(input_ids, attention_mask, prefix)
+        return self.stack(slots)
+
+    def stack(self, slots: list[Tensor | None]) -> Tensor:
+        """Stack the slots filled by :meth:`capture` into ``(L, ...)`` on :attr:`device` (blocks placed on other
+        devices are moved there; gradients flow). Raises when a layer did not run."""
         missing = [i for i, s in enumerate(slots) if s is None]
         if missing:
             raise RuntimeError(f"Decoder layers {missing} did not run during the forward pass.")
-        return torch.stack(slots)  # type: ignore[arg-type]
+        device = self.device
+        return torch.stack([s.to(device) for s in slots])  # type: ignore[union-attr]

@@ -30,7 +30,7 @@ def tokenize_contexts(
     tokenizer: Any, pairs: Sequence[MinimalPair], limit: int | None, prompt: PromptFormat
 ) -> list[list[int]]:
     """Token ids of ``ctx_a, ctx_b`` for every pair, interleaved; errors name every context that is too long."""
-    texts = [prompt.render(ctx, tokenizer) for p in pairs for ctx in (p.ctx_a, p.ctx_b)]
+    texts = prompt.render_pairs(pairs, tokenizer)
     encoded = tokenizer(texts, add_special_tokens=prompt.add_special_tokens(tokenizer))["input_ids"]
     if limit is not None:
         too_long = [
@@ -107,9 +107,9 @@ def context_batches(
     prompt: PromptFormat = DEFAULT_PROMPT,
 ) -> list[ContextBatch]:
     """Tokenize ``ctx_a, ctx_b`` of every pair (interleaved: row ``2i`` is pair i's a, ``2i+1`` its b), sort
-    by length (less padding) and cut into right-padded batches on the model's device."""
+    by length (less padding) and cut into right-padded batches on the device of the model's input embedding."""
     encoded = tokenize_contexts(tokenizer, pairs, max_positions(adapter.causal_lm), prompt)
-    return _batches(encoded, batch_size, pad_token_id(tokenizer), adapter.device)
+    return _batches(encoded, batch_size, pad_token_id(tokenizer), adapter.input_device)
 
 
 def shared_prefix_batches(
@@ -123,4 +123,4 @@ def shared_prefix_batches(
     (empty when there is none) and batches of what follows it (``last`` indexes into the suffix)."""
     encoded = tokenize_contexts(tokenizer, pairs, max_positions(adapter.causal_lm), prompt)
     skip = shared_prefix_length(encoded)
-    return encoded[0][:skip], _batches(encoded, batch_size, pad_token_id(tokenizer), adapter.device, skip)
+    return encoded[0][:skip], _batches(encoded, batch_size, pad_token_id(tokenizer), adapter.input_device, skip)

@@ -55,7 +55,8 @@ class PairDataModule(LightningDataModule):
         train: a set name for :func:`dipreg.stimuli.load_pairs` (e.g. ``"comp_train"``) or a JSONL path.
         val: held-out sets, one validation loader each (logged as ``val/acc/<name>``).
         batch_size: examples (contexts) per batch; a pair gives two examples.
-        prompt: ``"auto"`` | ``"raw"`` | ``"chat"``, as in the audit.
+        prompt: ``"auto"`` | ``"raw"`` | ``"chat"`` | ``"fewshot"``, as in the audit (``fewshot`` draws the
+            worked examples of a training pair from the training set, those of a validation pair from its set).
         shuffle: shuffle the training examples each epoch.
         tokenizer: the tokenizer; ``None`` takes ``trainer.lightning_module.tokenizer`` at setup.
 

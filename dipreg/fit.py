@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from dipreg.data import PairDataModule
 from dipreg.health import TrainingHealth
 from dipreg.heldout import HeldOutEval
+from dipreg.models import resolve_device
 from dipreg.module import DipRegModule
 from dipreg.recipes import RECIPES, recipe_path
 
@@ -129,7 +130,7 @@ def translate_args(argv: Sequence[str]) -> list[str]:
         if eq:
             value = inline
         step = 1 if eq else 2
-        if key in ("--recipe", "--config", "--model") and value is None:
+        if key in ("--recipe", "--config", "--model", "--dtype", "--device", "--device-map") and value is None:
             raise ValueError(f"{key} needs a value.")
         if key == "--recipe":
             configs += ["--config", str(check_config_file(recipe_path(value)))]
@@ -138,11 +139,31 @@ def translate_args(argv: Sequence[str]) -> list[str]:
             configs += ["--config", value]
         elif key == "--model" and not _is_config_value(value):
             rest += ["--model.model_name", value]
+        elif key in ("--dtype", "--device", "--device-map"):
+            rest += _device_flags(key, value)
         else:
             rest.append(arg)
             step = 1
         i += step
     return configs + rest
+
+
+def _device_flags(key: str, value: str) -> list[str]:
+    """LightningCLI flags for ``--dtype`` (the frozen base's dtype: ``--model.dtype``) and ``--device`` (``cpu`` ->
+    ``--trainer.accelerator cpu``; ``cuda`` / ``cuda:i`` -> ``gpu``, on GPU ``i``). ``--device-map`` is refused:
+    Lightning places the model it trains (several GPUs: ``--trainer.strategy ddp`` or ``fsdp``)."""
+    if key == "--dtype":
+        return ["--model.dtype", value]
+    if key == "--device-map":
+        raise ValueError(
+            "dipreg fit: --device-map is for audits; Lightning places the model it trains. Train on several GPUs "
+            "with --trainer.strategy ddp (or fsdp) --trainer.devices N."
+        )
+    device = resolve_device(value)
+    if device.type == "cpu":
+        return ["--trainer.accelerator", "cpu"]
+    devices = f"[{device.index}]" if device.index is not None else "1"
+    return ["--trainer.accelerator", "gpu", "--trainer.devices", devices]
 
 
 class DipRegCLI(LightningCLI):
@@ -212,6 +233,10 @@ dipreg's own options (read before LightningCLI's, which follow below):
   --config FILE   a YAML config of your own (trainer:, model:, data:, heldout:, health:); may follow --recipe
   --model NAME    the base model, an HF name or a local path (shorthand for --model.model_name NAME;
                   default: the embedded SmolLM2-135M-Instruct)
+  --dtype DTYPE   the frozen base's dtype: auto | bfloat16 | float16 | float32 (shorthand for --model.dtype;
+                  default: auto = bfloat16 on a GPU, float32 on a CPU); LoRA weights are always float32
+  --device DEV    auto | cpu | cuda | cuda:INDEX (shorthand for --trainer.accelerator/--trainer.devices;
+                  default: auto = Lightning's choice). Precision: --trainer.precision bf16-mixed | bf16-true
 
 examples:
   dipreg fit --recipe dip_reg --trainer.max_steps 20 --model.lr 1e-4

@@ -38,8 +38,11 @@ class PrefixCache:
         model = self.adapter.causal_lm
         with eval_mode(model):
             out = self.adapter.backbone(
-                input_ids=torch.tensor([self.ids], device=self.adapter.device),
-                past_key_values=DynamicCache(config=model.config),
+                input_ids=torch.tensor([self.ids], device=self.adapter.input_device),
+                # No config: a config-built cache gives sliding-window layers (Mistral, Gemma2) that keep only the
+                # last `sliding_window` keys, while the mask still counts the whole prefix. Full layers keep every
+                # key; the model's own sliding-window mask still limits what each token attends to.
+                past_key_values=DynamicCache(),
                 use_cache=True,
             )
         return [tuple(entry) for entry in out.past_key_values]
@@ -57,7 +60,7 @@ class PrefixCache:
             (keys.expand(batch, *keys.shape[1:]), values.expand(batch, *values.shape[1:]), *rest)
             for keys, values, *rest in self._data
         ]
-        return DynamicCache(ddp_cache_data=data, config=self.adapter.causal_lm.config)
+        return DynamicCache(ddp_cache_data=data)
 
     def attention_mask(self, suffix_mask: Tensor) -> Tensor:
         """The attention mask of prefix + suffix for a ``(B, T)`` suffix mask (the prefix is never padded)."""

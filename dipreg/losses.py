@@ -100,11 +100,19 @@ class WrongMarginHinge(AuxLoss):
     def __repr__(self) -> str:
         return f"WrongMarginHinge(window={self.window}, delta={self.delta}, weight={self.weight})"
 
+    def window_layers(self, num_layers: int) -> list[int]:
+        """0-based indices of the blocks whose relative depth ``ℓ/L`` lies in the window."""
+        return [int(i) for i in depth_mask(num_layers, self.window).nonzero().flatten()]
+
+    def window_margins(self, view: BatchView, layers: list[int]) -> Tensor:
+        """``(len(layers), B)`` margins ``correct − wrong`` read at the given blocks. This hinge reads the logit lens
+        (final norm and two unembedding rows of ``view.residuals``); subclasses read through another lens."""
+        return view.adapter.margin(view.residuals[layers], view.correct_ids, view.wrong_ids)
+
     def __call__(self, view: BatchView) -> Tensor:
         """Mean hinge over the window's layers and the batch rows (zero, still in the graph, if no layer is
         in the window)."""
-        mask = depth_mask(view.residuals.shape[0], self.window).to(view.residuals.device)
-        if not bool(mask.any()):
+        layers = self.window_layers(view.residuals.shape[0])
+        if not layers:
             return view.residuals.sum() * 0.0
-        margins = view.adapter.margin(view.residuals[mask], view.correct_ids, view.wrong_ids)  # (Lw, B)
-        return torch.relu(self.delta - margins).mean()
+        return torch.relu(self.delta - self.window_margins(view, layers)).mean()

@@ -5,11 +5,15 @@ This module only loads weights and tokenizers; it knows nothing of lenses or sti
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub
 import torch
@@ -148,11 +152,128 @@ def _hub_source(name: str) -> bool:
     )
 
 
+#: ``--dtype`` names and the torch dtypes they load weights in (``auto``: see :func:`resolve_dtype`).
+DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPE_CHOICES: tuple[str, ...] = ("auto", *DTYPES)
+#: ``device_map`` strings transformers (accelerate) understands; a dict maps module names to devices.
+DEVICE_MAP_STRATEGIES: tuple[str, ...] = ("auto", "balanced", "balanced_low_0", "sequential")
+
+DTypeSpec = str | torch.dtype
+DeviceSpec = str | torch.device
+DeviceMapSpec = str | dict[str, int | str] | None
+
+
+def gpu_available() -> bool:
+    """Whether a CUDA GPU can be used."""
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: DeviceSpec = "auto") -> torch.device:
+    """``"auto"`` (CUDA when a GPU is present, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:i"`` as a ``torch.device``.
+
+    Raises:
+        ValueError: an unknown device, CUDA without a GPU, or a GPU index that does not exist.
+    """
+    text = str(device)
+    if text == "auto":
+        return torch.device("cuda" if gpu_available() else "cpu")
+    try:
+        resolved = torch.device(text)
+    except RuntimeError as err:
+        raise ValueError(f"device={text!r} is not a device: use auto, cpu, cuda or cuda:INDEX.") from err
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={text!r}: dipreg runs on cpu, cuda or cuda:INDEX (or auto), not {resolved.type}.")
+    if resolved.type == "cuda":
+        if not gpu_available():
+            raise ValueError(
+                f"device={text!r}: no CUDA GPU is available here (torch {torch.__version__}, "
+                f"built with CUDA {torch.version.cuda or 'none'}). Use --device cpu, or auto."
+            )
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(f"device={text!r}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}.")
+    return resolved
+
+
+def resolve_dtype(dtype: DTypeSpec = "auto", device: torch.device | None = None) -> torch.dtype:
+    """The weights' dtype: a name from :data:`DTYPE_CHOICES` or a ``torch.dtype``. ``"auto"`` is bfloat16 on a GPU
+    (``device`` of type cuda, or, with ``device=None``, whenever a GPU is present) and float32 on a CPU."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype={dtype}: dipreg loads weights in {', '.join(DTYPES)}.")
+        return dtype
+    if dtype == "auto":
+        on_gpu = gpu_available() if device is None else device.type == "cuda"
+        return torch.bfloat16 if on_gpu else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not a dtype dipreg loads; use one of {', '.join(DTYPE_CHOICES)}.")
+    return DTYPES[dtype]
+
+
+def check_device_map(device_map: DeviceMapSpec) -> DeviceMapSpec:
+    """Check a ``device_map``: ``None``, one of :data:`DEVICE_MAP_STRATEGIES`, or a dict of module name -> device
+    (GPU index, ``"cpu"``, ``"cuda:i"`` or ``"disk"``); it needs accelerate installed."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(
+                f"device_map={device_map!r}: use one of {', '.join(DEVICE_MAP_STRATEGIES)}, or a mapping of module "
+                'names to devices (e.g. {"model.embed_tokens": 0, "model.layers.0": 0, ..., "lm_head": "cpu"}).'
+            )
+    elif not isinstance(device_map, dict) or not device_map or not all(isinstance(k, str) for k in device_map):
+        raise ValueError(f"device_map must be a strategy name or a non-empty dict of module names, got {device_map!r}.")
+    else:
+        for name, where in device_map.items():
+            if isinstance(where, bool) or not isinstance(where, int | str):
+                raise ValueError(f"device_map[{name!r}]={where!r}: a GPU index, 'cpu', 'cuda:i' or 'disk'.")
+            if isinstance(where, str) and where not in ("cpu", "disk"):
+                resolve_device(where)
+            elif isinstance(where, int):
+                resolve_device(f"cuda:{where}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ValueError("device_map needs the accelerate package: `pip install accelerate`.")
+    return device_map
+
+
+def check_load_options(*, dtype: DTypeSpec, device: DeviceSpec, device_map: DeviceMapSpec) -> None:
+    """Raise a ``ValueError`` naming the problem when the three loading options cannot be used together here."""
+    if str(device) != "auto":
+        resolve_device(device)
+    resolve_dtype(dtype)
+    check_device_map(device_map)
+    if device_map is not None and str(device) != "auto":
+        raise ValueError("Pass either a device or a device map, not both (the map places every module).")
+
+
+#: Options a command sets for every ``load_model`` call in its scope (see :func:`load_options`).
+_SCOPE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("dipreg_load_options", default=None)
+
+
+@contextlib.contextmanager
+def load_options(
+    *, dtype: DTypeSpec = "auto", device: DeviceSpec = "auto", device_map: DeviceMapSpec = None
+) -> Iterator[None]:
+    """Within the body, :func:`load_model` calls that leave ``dtype``/``device``/``device_map`` at their defaults
+    (``"auto"``, ``"auto"``, ``None``) use these instead. The CLI wraps each command in one, so ``--dtype`` and
+    ``--device`` reach every model a command loads (a judge model too). Values are checked on entry
+    (:func:`check_load_options`)."""
+    check_load_options(dtype=dtype, device=device, device_map=device_map)
+    token = _SCOPE.set({"dtype": dtype, "device": str(device), "device_map": device_map})
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
+    dtype: DTypeSpec = "auto",
+    device: DeviceSpec = "auto",
+    device_map: DeviceMapSpec = None,
+    max_memory: dict[int | str, int | str] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -162,15 +283,39 @@ def load_model(
             ``$DIPREG_CACHE`` (the first call takes ~30 s, later ones about a second). When the hub is offline
             (``HF_HUB_OFFLINE=1``) or does not answer one request, a name in the HF cache loads from the cache
             alone and any other name fails at once with a one-line :class:`ModelLoadError` (no network retries).
-        dtype: parameter dtype.
-        device: where to put the model.
+        dtype: ``"auto"`` (bfloat16 on a GPU, float32 on a CPU), ``"bfloat16"``, ``"float16"``, ``"float32"`` or a
+            ``torch.dtype``. Lens margins, DiD and the hinge are float32 whatever the weights are.
+        device: ``"auto"`` (CUDA when a GPU is present, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:i"``.
+        device_map: ``None`` (the whole model on ``device``), ``"auto"`` (accelerate spreads the blocks over the
+            GPUs, then CPU and disk, within ``max_memory``), another accelerate strategy, or a dict of module name
+            -> device (GPU index, ``"cpu"``, ``"disk"``). Needs accelerate; excludes ``device``.
+        max_memory: with a device map, the memory each device may hold (``{0: "70GiB", "cpu": "200GiB"}``).
+        offload_folder: with a device map that offloads to ``"disk"``, where the offloaded weights go.
+
+    Inside a :func:`load_options` scope, arguments left at their defaults take the scope's values. Bad values
+    (an unknown dtype, CUDA without a GPU, a device and a device map together) raise a ``ValueError`` at once.
 
     Returns:
         ``(model, tokenizer)``; the tokenizer has a pad token.
 
     Example:
-        >>> model, tok = load_model()  # doctest: +SKIP
+        >>> model, tok = load_model()  # doctest: +SKIP  (float32 on a CPU, bfloat16 on a GPU)
+        >>> model, tok = load_model("Qwen/Qwen2.5-32B-Instruct", device_map="auto")  # doctest: +SKIP
     """
+    scope = _SCOPE.get() or {}
+    if str(dtype) == "auto":
+        dtype = scope.get("dtype", "auto")
+    if device_map is None and str(device) == "auto":
+        device_map = scope.get("device_map")
+        device = scope.get("device", "auto")
+    device_map = check_device_map(device_map)
+    if device_map is not None and str(device) != "auto":
+        raise ValueError("Pass either a device or a device map, not both (the map places every module).")
+    target = None if device_map is not None else resolve_device(device)
+    weights_dtype = resolve_dtype(dtype, target)
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     if name_or_path is None or str(name_or_path) in ("", "default", DEFAULT_MODEL_NAME):
         source: str | Path = _converted_default_dir()
         if not (Path(source) / "config.json").is_file():
@@ -189,7 +334,9 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=cache_only)
         # transformers does not pass local_files_only on to its PEFT-adapter lookup: say it twice.
         cache_kwargs = {"adapter_kwargs": {"local_files_only": True}} if cache_only else {}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=cache_only, **cache_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=weights_dtype, local_files_only=cache_only, **placement, **cache_kwargs
+        )
     except (OSError, ValueError) as err:  # transformers raises ValueError for unusable tokenizer files
         raise ModelLoadError(
             f"Could not load model {str(source)!r}: {_one_line(err)}. Pass a local path or a name in the HF cache "
@@ -197,5 +344,7 @@ def load_model(
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
+    if target is not None:
+        model.to(target)
+    model.eval()
     return model, tokenizer

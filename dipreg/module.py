@@ -24,7 +24,7 @@ from torchmetrics.classification import BinaryAccuracy
 
 from dipreg.adapter import ModelAdapter
 from dipreg.losses import AuxLoss, BatchView
-from dipreg.models import load_model
+from dipreg.models import DTYPE_CHOICES, load_model
 
 __all__ = ["LORA_TARGETS", "CheckpointMismatchError", "DipRegModule", "late_layers"]
 
@@ -129,7 +129,14 @@ class DipRegModule(LightningModule):
         aux_losses: auxiliary losses (:class:`~dipreg.losses.AuxLoss`), e.g. ``[WrongMarginHinge(weight=0.2)]``.
         lr, weight_decay: AdamW settings.
         gradient_checkpointing: recompute activations in backward (non-reentrant, LoRA-safe).
-        model, tokenizer: an already loaded model (used instead of ``model_name``) and its tokenizer.
+        dtype: the frozen base model's dtype when ``model_name`` is loaded: ``"auto"`` (bfloat16 on a GPU, float32
+            on a CPU), ``"bfloat16"``, ``"float16"`` or ``"float32"`` (see :func:`dipreg.load_model`).
+        model, tokenizer: an already loaded model (used instead of ``model_name``, in its own dtype) and its
+            tokenizer.
+
+    The LoRA weights are float32 whatever the base's dtype, and stay float32 under every Lightning precision:
+    ``bf16-mixed`` (autocast) and ``bf16-true`` (which converts the module with ``.to(dtype)``; :meth:`to` puts the
+    trainable weights back to float32). Margins, the CE and every auxiliary loss are computed in float32.
 
     Every numeric argument is checked before the model is loaded (``r`` an ``int`` >= 1, where ``True`` is not an
     ``int``; ``alpha`` and ``lr`` finite and > 0; ``dropout`` in [0, 1); ``weight_decay`` >= 0); a ``ValueError``
@@ -158,6 +165,7 @@ class DipRegModule(LightningModule):
         lr: float = 5e-4,
         weight_decay: float = 0.0,
         gradient_checkpointing: bool = False,
+        dtype: str = "auto",
         model: Any = None,
         tokenizer: Any = None,
     ) -> None:
@@ -192,8 +200,10 @@ class DipRegModule(LightningModule):
         names = [loss.name for loss in self.aux_losses]
         if len(set(names)) != len(names):
             raise ValueError(f"aux_losses: names must be unique (they name the logged metrics), got {names}.")
+        if dtype not in DTYPE_CHOICES:
+            raise ValueError(f"DipRegModule: dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}.")
         if model is None:
-            model, loaded_tok = load_model(model_name)
+            model, loaded_tok = load_model(model_name, dtype=dtype)
             tokenizer = tokenizer or loaded_tok
         self.tokenizer = tokenizer
         model.config.use_cache = False
@@ -211,13 +221,27 @@ class DipRegModule(LightningModule):
             fan_in_fan_out=base.model_type == "gpt2",
             bias="none",
         )
-        self.model: PeftModel = get_peft_model(model, config)
+        self.model: PeftModel = get_peft_model(model, config)  # casts the adapter to float32 on a half base
+        self._keep_adapter_float32()
         self.model.train()  # load_model returns eval mode; LoRA dropout must be live while training
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.adapter = ModelAdapter(self.model)
         self.train_acc = BinaryAccuracy()
         self.val_acc = torch.nn.ModuleList()
+
+    def _keep_adapter_float32(self) -> None:
+        """Trainable (LoRA) weights in float32: half-precision master weights would lose small updates."""
+        for param in self.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+
+    def to(self, *args: Any, **kwargs: Any) -> DipRegModule:
+        """``nn.Module.to``, except that the trainable (LoRA) weights stay float32 when a dtype is given (Lightning's
+        ``bf16-true``/``16-true`` precision converts the whole module this way; the frozen base follows it)."""
+        moved = super().to(*args, **kwargs)
+        self._keep_adapter_float32()
+        return moved
 
     # -- forward ---------------------------------------------------------------------------------------
 
@@ -229,8 +253,8 @@ class DipRegModule(LightningModule):
         """One backbone forward; returns ``(total loss, {ce, <aux names>}, output margin (B,))``."""
         with self.adapter.capture(batch["last"]) as slots:
             self.adapter.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        residuals = torch.stack(slots)  # type: ignore[arg-type]
-        logits = self.answer_logits(residuals[-1]).float()
+        residuals = self.adapter.stack(slots)
+        logits = self.answer_logits(residuals[-1])
         rows = torch.arange(logits.shape[0], device=logits.device)
         ce = F.cross_entropy(logits, batch["correct"])
         margin = logits[rows, batch["correct"]] - logits[rows, batch["wrong"]]

@@ -17,6 +17,7 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
 from dipreg.stimuli import MinimalPair
@@ -85,8 +86,14 @@ def _tiny_config(arch: str):
         return LlamaConfig(**common, intermediate_size=64, num_hidden_layers=8, num_key_value_heads=2)
     if arch == "qwen2":
         return Qwen2Config(**common, intermediate_size=64, num_hidden_layers=8, num_key_value_heads=2)
+    if arch == "qwen3":  # per-head q/k RMSNorm, explicit head_dim
+        return Qwen3Config(**common, intermediate_size=64, num_hidden_layers=8, num_key_value_heads=2, head_dim=8)
     if arch == "mistral":
-        return MistralConfig(**common, intermediate_size=64, num_hidden_layers=8, num_key_value_heads=2)
+        # A sliding window shorter than every test context: without it a Mistral is a Llama with another name
+        # (same weights from the same seed, same margins), and the window's masking would go untested.
+        return MistralConfig(
+            **common, intermediate_size=64, num_hidden_layers=8, num_key_value_heads=2, sliding_window=4
+        )
     if arch == "gemma2":
         return Gemma2Config(
             **common,
@@ -104,7 +111,7 @@ def _tiny_config(arch: str):
     raise ValueError(arch)
 
 
-ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma2", "gpt2", "gpt_neox")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2", "gpt_neox")
 
 
 def make_tiny_model(arch: str, seed: int = 0):
@@ -178,3 +185,43 @@ def default_model():
     from dipreg.models import load_model
 
     return load_model()
+
+
+class DefaultModelInUnitTest(RuntimeError):
+    """A test without the ``integration`` marker tried to load the real default model."""
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_small(request, monkeypatch):
+    """Two guards for every test without the ``integration`` marker (the fast tier, ``-m "not integration"``):
+
+    - it may not load the real default model: the loader raises, and the test fails at teardown even when the code
+      under test caught the error (a CLI turns it into exit code 2);
+    - it runs torch on one thread: tiny models gain nothing from a second one, and on a shared, loaded machine
+      OpenMP's spin-waiting makes two-thread runs of tiny models many times slower (the fast tier took minutes
+      longer). Integration tests keep torch's default.
+    """
+    if "integration" in request.keywords:
+        yield
+        return
+    if "default_model" in request.fixturenames:
+        pytest.fail("this test uses the default_model fixture but is not marked @pytest.mark.integration")
+    from dipreg import models
+
+    attempts: list[str] = []
+
+    def refuse() -> None:
+        attempts.append(request.node.nodeid)
+        raise DefaultModelInUnitTest(
+            f"{request.node.nodeid} loads the real default model but is not marked @pytest.mark.integration"
+        )
+
+    monkeypatch.setattr(models, "_converted_default_dir", refuse)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+    if attempts:
+        pytest.fail(f"loads the real default model without @pytest.mark.integration ({len(attempts)} time(s))")

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +27,6 @@ from dipreg.eval.arms import runner as arms_runner
 from dipreg.eval.arms import train as arms_train
 from dipreg.eval.arms.evaluate import parse_conditions
 from dipreg.eval.arms.plan import ArmSpec, ArmsSettings, build_arms
-from dipreg.eval.arms.report import _ms
 from dipreg.eval.arms.runner import EVAL_DONE
 from dipreg.eval.arms.stats import mean_sd, per_seed_mcnemar
 from dipreg.eval.arms.train import RECIPE_FILE, TRAIN_DONE, ArmRun, build_arm_run
@@ -130,6 +130,13 @@ def test_quick_settings_are_smaller_than_the_default():
     assert quick.conditions == full.conditions  # every degradation is still exercised
 
 
+def _mean_sd_text(values):
+    """A Table 3 cell computed here from the per-seed values: "mean ± sd" (sample sd), or the mean of one value."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
 @pytest.mark.integration
 def test_quick_arms_run_reports_every_arm_from_arms_json_and_resumes(tmp_path, capsys):
     out = tmp_path / "arms"
@@ -142,7 +149,9 @@ def test_quick_arms_run_reports_every_arm_from_arms_json_and_resumes(tmp_path, c
     assert conditions[0] == "clean" and "mid_svd:rank=64" in conditions and "rtn:bits=3" in conditions
     report = (out / "report.md").read_text()
     for row in tables["table3"]:
-        cells = [_ms(row[k]) for k in ("accuracy", "dip", "commit", "fragility", "nll", "retention")]
+        cells = [
+            _mean_sd_text(row[k]["values"]) for k in ("accuracy", "dip", "commit", "fragility", "nll", "retention")
+        ]
         assert "| " + " | ".join([row["arm"], *cells]) + " |" in report
     for row in tables["table4"]:
         assert set(row["arms"]) == set(ARMS)
@@ -341,3 +350,54 @@ def test_resuming_with_other_settings_names_each_changed_field(tmp_path, monkeyp
     assert 'monitor_every: 2 → 3; eval_pairs: "strict240" → "comp_strict"' in message
     assert "max_steps" not in message and "pass a new --out" in message
     _run_fake_arms(out)  # the same settings still resume
+
+
+def test_arms_resume_after_a_unit_that_raised_midway_redoes_only_that_unit(tmp_path, monkeypatch):
+    fake = FakeArms(monkeypatch)
+    out = tmp_path / "arms"
+    real_build = fake.build_arm_run
+
+    def build_then_crash(arm, seed, settings, run_dir, model_name=None):
+        run = real_build(arm, seed, settings, run_dir, model_name)
+        if arm.name == "late_only":
+            fit = run.trainer.fit
+
+            def crash(module, data):
+                fit(module, data)  # the events file and adapter folder of a half-done fit exist
+                raise RuntimeError("injected: the job died in the middle of training")
+
+            run.trainer.fit = crash
+        return run
+
+    monkeypatch.setattr(arms_train, "build_arm_run", build_then_crash)
+    with pytest.raises(RuntimeError, match="middle of training"):
+        _run_fake_arms(out)
+    late = out / "runs" / "late_only" / "seed0"
+    assert not (late / TRAIN_DONE).exists() and (out / "runs" / "output_only" / "seed0" / TRAIN_DONE).exists()
+
+    monkeypatch.setattr(arms_train, "build_arm_run", real_build)
+    real_eval = arms_runner._eval_run
+
+    def eval_then_crash(model_name, adapter, pairs, settings, describe):
+        if adapter is not None and adapter.parents[2].name == "output_only":
+            describe("clean")
+            raise RuntimeError("injected: the job died in the middle of an evaluation")
+        return real_eval(model_name, adapter, pairs, settings, describe)
+
+    monkeypatch.setattr(arms_runner, "_eval_run", eval_then_crash)
+    fake.fits.clear()
+    with pytest.raises(RuntimeError, match="middle of an evaluation"):
+        _run_fake_arms(out)
+    assert fake.fits == [("late_only", 0)], "only the interrupted training runs again"
+    assert len(_events(late)) == 1, "the rerun started from a clean run folder"
+    assert not (out / "runs" / "output_only" / "seed0" / EVAL_DONE).exists()
+
+    monkeypatch.setattr(arms_runner, "_eval_run", real_eval)
+    assert fake.evals[-1] == "untrained"  # finished before the crash (the fake records it, the crash records none)
+    fake.fits.clear()
+    fake.evals.clear()
+    result, _ = _run_fake_arms(out)
+    assert fake.fits == [], "every training is finished"
+    assert sorted(fake.evals) == ["late_only/seed0", "output_only/seed0"], "untrained is not evaluated again"
+    assert [row["arm"] for row in result["tables"]["table3"]] == ["untrained", "output_only", "late_only"]
+    assert json.loads((late / TRAIN_DONE).read_text())["steps"] == 4

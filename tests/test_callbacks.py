@@ -143,46 +143,6 @@ def test_bad_monitor_arguments_are_rejected_at_construction():
         CompressionRetention("core", on="epoch")  # type: ignore[arg-type]
 
 
-def _ddp_run(tmp_path: Path, devices: int, tokenizer, pairs) -> list[dict]:
-    monitor = DipMonitor(pairs, every_n_steps=1, lenses=("logit",), log_figures=False)
-    run = pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=2,
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
-        logger=TensorBoardLogger(tmp_path, name="tb", version=0),
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    run.fit(UserLoRAModule(tokenizer, lr=0.0), token_batches(8))
-    return json.loads((tmp_path / "tb" / "version_0" / "dip_history.json").read_text())["history"]
-
-
-def test_two_process_ddp_logs_the_same_monitor_values_as_one_process(tmp_path, tiny_tokenizer, tiny_pairs):
-    pairs = tiny_pairs + [
-        MinimalPair(
-            f"extra-{i}",
-            f"is it good to help {'the ' * i}cat ?",
-            f"is it bad to help {'the ' * i}cat ?",
-            " Yes",
-            " No",
-            "value_flip",
-            i % 2 == 0,
-        )
-        for i in range(3)
-    ]
-    single = _ddp_run(tmp_path / "one", 1, tiny_tokenizer, pairs)
-    double = _ddp_run(tmp_path / "two", 2, tiny_tokenizer, pairs)
-    assert [h["step"] for h in single] == [h["step"] for h in double]
-    for a, b in zip(single, double, strict=True):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key] == pytest.approx(b[key], abs=1e-6), key
-
-
 def test_compression_retention_restores_weights_and_matches_dipreg_degrade(tmp_path, tiny_tokenizer, tiny_pairs):
     from dipreg.eval.degradation.report import run_degrade
 
@@ -383,7 +343,7 @@ def test_an_explicit_prompt_wins_and_without_a_datamodule_prompt_it_is_auto(tmp_
     with pytest.warns(UserWarning, match=r"Data\.prompt is 'Q: \{q\}'.*prompt='auto'"):
         Data = type("Data", (), {"prompt": "Q: {q}"})
         assert resolve_prompt(None, SimpleNamespace(datamodule=Data()), "DipMonitor").style == "auto"
-    with pytest.raises(MonitorSetupError, match="prompt must be one of auto, raw, chat or None"):
+    with pytest.raises(MonitorSetupError, match="prompt must be one of auto, raw, chat, fewshot or None"):
         DipMonitor(tiny_pairs, prompt="plain")
     with pytest.raises(MonitorSetupError, match="prompt must be one of"):
         CompressionRetention(tiny_pairs, prompt="plain")

@@ -14,7 +14,7 @@ def test_audit_end_to_end_writes_json_and_figure(tmp_path, default_model):
     assert main(["audit", "--pairs", "core", "--out", str(out)]) == 0
     payload = json.loads((out / "audit.json").read_text())
     assert payload["num_pairs"] == 278 and payload["num_layers"] == 30
-    assert payload["prompt"] == "chat"
+    assert payload["prompt"] == "fewshot" and payload["prompt_shots"] == 3  # the audit's default style
     items = payload["items"]
     assert len(items) == 278
     assert all(len(it["did"]) == 30 and len(it["margin_a"]) == 30 for it in items)
@@ -33,6 +33,7 @@ def test_missing_pairs_file_is_reported_with_its_name(tmp_path, capsys):
     assert "nope.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_multi_token_candidate_in_a_pairs_file_is_named(tmp_path, capsys, default_model):
     path = tmp_path / "pairs.jsonl"
     row = {
@@ -74,6 +75,7 @@ HELP_ARGV = {
     "bridge": ["bridge"],
     "arms": ["arms"],
     "ladder": ["ladder"],
+    "prompt-styles": ["prompt-styles"],
 }
 
 

@@ -17,9 +17,7 @@ def test_split_sizes_match_the_paper():
     assert sizes == {"comp_train": 398, "comp_loose": 142, "comp_strict": 25, "strict240": 240}
 
 
-def test_generation_is_deterministic_and_ids_are_unique():
-    first, second = load_pairs("comp_train"), load_pairs("comp_train")
-    assert first == second
+def test_ids_are_unique_across_the_splits():
     all_ids = [p.id for name in ("comp_train", "comp_loose", "comp_strict", "strict240") for p in load_pairs(name)]
     assert len(all_ids) == len(set(all_ids))
 

@@ -5,7 +5,7 @@ deprivation); bad input gets clear errors."""
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import ARCHITECTURES, make_tiny_model
 from peft import LoraConfig, get_peft_model
 
 from dipreg.adapter import ModelAdapter
@@ -185,18 +185,6 @@ def test_nf4_snaps_each_block_of_64_to_the_nearest_scaled_level():
         torch.testing.assert_close(got[start : start + 64], nearest, rtol=0, atol=1e-6)
 
 
-def test_svd_gives_the_requested_rank_in_late_blocks_only(model):
-    adapter = ModelAdapter(model)
-    late = range_layers(8, 0.75, 1.0)
-    assert late == [6, 7]
-    with degrade(model, "late_svd", rank=3) as report:
-        assert report.layers == late
-        for i, layer in enumerate(adapter.layers):
-            for name in ("gate_proj", "up_proj", "down_proj"):
-                rank = int(torch.linalg.matrix_rank(getattr(layer.mlp, name).weight))
-                assert rank == (3 if i in late else 32), (i, name)
-
-
 def test_pruning_shrinks_the_intermediate_size_keeps_the_strongest_channels_and_runs(model, ids):
     adapter = ModelAdapter(model)
     originals = {i: adapter.layers[i].mlp.down_proj for i in range(8)}
@@ -338,17 +326,54 @@ def test_parse_ops_rejects_bad_specs(spec, message):
         parse_ops(spec)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma2", "gpt_neox"])
-def test_other_architectures_are_degraded_and_restored(arch, ids):
+#: Small parameters for every registered operator on the tiny models (rank 2 fits their 32-wide matrices).
+TINY_PARAMS = {"late_svd": {"rank": 2}, "mid_svd": {"rank": 2}, "rtn": {"bits": 3}}
+#: Operators that rewrite weight matrices: they need nn.Linear blocks (GPT-2's Conv1D is refused by name).
+WEIGHT_OPERATORS = {"rtn", "nf4", "int8", "late_svd", "mid_svd", "mid_prune"}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_every_operator_degrades_and_restores_every_architecture_it_claims(arch, ids):
+    from dipreg.eval import OPERATORS
+
     tiny = make_tiny_model(arch)
     before, checksum = snapshot(tiny), state_checksum(tiny)
     with torch.no_grad():
         intact = tiny(input_ids=ids).logits
-        for op, params in [("late_svd", {"rank": 2}), ("mid_prune", {}), ("nf4", {}), ("deprive", {"alpha": 0.5})]:
-            with degrade(tiny, op, **params):
+        for op in OPERATORS:
+            if arch == "gpt2" and op in WEIGHT_OPERATORS:
+                with (
+                    pytest.raises(UnsupportedOperatorError, match="gpt2"),
+                    degrade(tiny, op, **TINY_PARAMS.get(op, {})),
+                ):
+                    pass
+                continue
+            with degrade(tiny, op, **TINY_PARAMS.get(op, {})):
                 assert not torch.equal(tiny(input_ids=ids).logits, intact), (arch, op)
     assert_identical(tiny, before)
     assert state_checksum(tiny) == checksum
+
+
+@pytest.mark.parametrize(("op", "rank"), [("late_svd", 3), ("mid_svd", 5)])
+def test_svd_keeps_the_best_rank_r_approximation(op, rank, model):
+    """Eckart–Young: the best rank-r approximation's squared Frobenius error is the sum of the squared singular
+    values it drops. Any other rank-r matrix (the wrong singular values kept, a rounded factor) errs more."""
+    adapter = ModelAdapter(model)
+    layers = range_layers(8, *{"late_svd": (0.75, 1.0), "mid_svd": (0.375, 0.625)}[op])
+    names = ("gate_proj", "up_proj", "down_proj")
+    originals = {(i, n): getattr(adapter.layers[i].mlp, n).weight.detach().clone() for i in range(8) for n in names}
+    with degrade(model, op, rank=rank) as report:
+        assert report.layers == layers
+        for (i, name), original in originals.items():
+            got = getattr(adapter.layers[i].mlp, name).weight.detach()
+            if i not in layers:
+                assert torch.equal(got, original), (i, name)
+                continue
+            singular = np.linalg.svd(original.double().numpy(), compute_uv=False)  # independent of torch's SVD
+            tail = float((singular[rank:] ** 2).sum())
+            error = float(((original.double() - got.double()) ** 2).sum())
+            assert error == pytest.approx(tail, rel=1e-4), (i, name)
+            assert int(np.linalg.matrix_rank(got.double().numpy(), tol=1e-4 * singular[0])) == rank
 
 
 def test_check_restored_names_what_changed_the_model(llama_tiny):

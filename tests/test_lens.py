@@ -1,5 +1,6 @@
 """The model adapter and the logit lens: exact last-layer margins on every architecture, batching invariance."""
 
+import copy
 from dataclasses import replace
 
 import pytest
@@ -92,6 +93,22 @@ def test_peft_wrapped_model_reads_the_same_trajectories(llama_tiny, tiny_tokeniz
     assert ModelAdapter(wrapped).num_layers == 8
     peft_traj = dipreg.trajectories(wrapped, tiny_tokenizer, tiny_pairs)  # LoRA B starts at zero
     torch.testing.assert_close(peft_traj.did, plain.did)
+
+
+def test_lens_of_a_trained_lora_equals_its_output_and_its_merged_weights(tiny_model, tiny_tokenizer, tiny_pairs):
+    """A LoRA with random, non-zero B (as after training): the last-layer lens margin equals the wrapped model's own
+    output margin, and every layer equals the lens of the same adapter merged into plain weights."""
+    plain = dipreg.trajectories(tiny_model, tiny_tokenizer, tiny_pairs)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    wrapped = get_peft_model(copy.deepcopy(tiny_model), config).eval()
+    lora = dipreg.trajectories(wrapped, tiny_tokenizer, tiny_pairs, batch_size=3)
+    expected = output_margins(wrapped, tiny_tokenizer, tiny_pairs)
+    torch.testing.assert_close(lora.margin_a[:, -1], expected[:, 0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(lora.margin_b[:, -1], expected[:, 1], atol=1e-4, rtol=0)
+    assert (lora.did - plain.did).abs().max() > 1e-2, "the adapter must change the trajectories"
+    merged = dipreg.trajectories(wrapped.merge_and_unload(), tiny_tokenizer, tiny_pairs)
+    torch.testing.assert_close(lora.did, merged.did, atol=1e-4, rtol=1e-4)
 
 
 def test_trajectories_restore_training_mode(llama_tiny, tiny_tokenizer, tiny_pairs):

@@ -7,6 +7,7 @@ import torch
 
 from dipreg.batching import DEFAULT_PROMPT
 from dipreg.eval.readouts.readout import (
+    JUDGE_TEMPLATE,
     ReadoutError,
     ReadoutResult,
     ReadoutSession,
@@ -110,9 +111,21 @@ def test_judge_readout_with_the_default_model_as_judge(default_model, few):
     session = ReadoutSession()
     free, judge = run_readouts(model, tok, few, build_readouts(["free", "judge"], judge=(model, tok)), session).values()
     assert judge.texts_a == free.texts_a  # the judge classifies the free readout's own answers
-    for texts, choices in ((judge.texts_a, judge.choice_a), (judge.texts_b, judge.choice_b)):
-        for text, choice in zip(texts, choices, strict=True):
-            assert choice in (0, 1) if text.strip() else choice is None
+    # The rule, recomputed with a plain forward of the judge: option A when logit(" A") > logit(" B"), else B;
+    # an empty answer is undecided; the margin is that gap, signed toward the ctx_a-correct option.
+    a_id, b_id = tok.encode(" A", add_special_tokens=False)[0], tok.encode(" B", add_special_tokens=False)[0]
+    for texts, choices, margins in (
+        (judge.texts_a, judge.choice_a, judge.margin_a),
+        (judge.texts_b, judge.choice_b, judge.margin_b),
+    ):
+        for v, text, choice, margin in zip(few, texts, choices, margins, strict=True):
+            query = JUDGE_TEMPLATE.format(question=v.question, first=v.options[0], second=v.options[1], response=text)
+            ids = tok(DEFAULT_PROMPT.render(query, tok), add_special_tokens=DEFAULT_PROMPT.add_special_tokens(tok))
+            with torch.no_grad():
+                logits = model(torch.tensor([ids["input_ids"]])).logits[0, -1]
+            gap = float(logits[a_id] - logits[b_id])
+            assert choice == ((0 if gap > 0 else 1) if text.strip() else None), (v.id, text, gap)
+            assert margin == pytest.approx((1.0 if v.answer_a == 0 else -1.0) * gap, abs=1e-3)
 
 
 def test_decisions_and_pair_rules_from_margins(few):

@@ -135,8 +135,9 @@ def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(llama_tiny
         "--neutral-prompt",
         "cat cat\\ndog dog\\n?",
     ]
-    code = main(["audit", "--model", str(model_dir), "--pairs", str(pairs), *lenses, "--out", str(audit)])
-    assert code == 0
+    # --prompt auto: tiny_pairs has one pair per family, too few for the default few-shot style's worked examples
+    argv = ["audit", "--model", str(model_dir), "--pairs", str(pairs), "--prompt", "auto", *lenses, "--out", str(audit)]
+    assert main(argv) == 0
     payload = json.loads((audit / "audit.json").read_text())
     assert set(payload["lenses"]) == {"logit", "tuned", "causal"}
     assert payload["lens_options"]["causal"] == {"neutral_prompt": "cat cat\ndog dog\n?"}

@@ -5,6 +5,7 @@ Reports ratios only; asserts nothing about time.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -49,9 +50,34 @@ def bare_forward(ctx: BenchContext) -> None:
         ctx.adapter.run_backbone(batch.input_ids, batch.attention_mask, prefix)
 
 
+def bf16_vs_fp32(ctx: BenchContext) -> Ratio:
+    """``lens_bf16_vs_fp32_maxdiff``: the largest |logit-lens margin difference| between the model run in bfloat16
+    and in float32 (same weights; a copy in the other dtype), over every layer of ``ctx.naive_pairs`` pairs. It
+    measures what bfloat16 does to the model's residuals (the lens itself computes in float32 either way); the
+    detail gives it relative to the largest float32 margin and the share of items whose output sign agrees."""
+    small = ctx.subset(ctx.naive_pairs)
+    dtype = next(p.dtype for p in ctx.model.parameters() if p.is_floating_point())
+    other = copy.deepcopy(ctx.model).to(torch.float32 if dtype == torch.bfloat16 else torch.bfloat16)
+    models = {dtype: ctx.model, other.dtype: other}
+    runs = {d: trajectories(m, ctx.tokenizer, small.pairs, batch_size=ctx.batch_size) for d, m in models.items()}
+    fp32, bf16 = runs[torch.float32], runs[torch.bfloat16]
+    diff = max(float((bf16.margin_a - fp32.margin_a).abs().max()), float((bf16.margin_b - fp32.margin_b).abs().max()))
+    scale = max(float(fp32.margin_a.abs().max()), float(fp32.margin_b.abs().max()))
+    agree = float(((bf16.did[:, -1] > 0) == (fp32.did[:, -1] > 0)).float().mean())
+    return Ratio(
+        "lens_bf16_vs_fp32_maxdiff",
+        diff,
+        "— (precision)",
+        None,
+        f"{len(small.pairs)} pairs, all layers: max |bf16 − fp32 margin| {diff:.3g} = {diff / scale:.2%} of the "
+        f"largest fp32 margin; output sign (DiD(L)) agrees on {agree:.1%} of items",
+    )
+
+
 def lens_section(ctx: BenchContext) -> list[Ratio]:
     """Logit lens against the naive full-vocabulary lens (on ``ctx.naive_pairs`` pairs, both sides timed on the
-    same pairs) and against a bare forward pass (on all pairs)."""
+    same pairs) and against a bare forward pass (on all pairs); and the bfloat16-vs-float32 margin difference
+    (:func:`bf16_vs_fp32`)."""
 
     def lens_on(c: BenchContext) -> Callable[[], object]:
         return lambda: trajectories(c.model, c.tokenizer, c.pairs, batch_size=c.batch_size)
@@ -82,4 +108,5 @@ def lens_section(ctx: BenchContext) -> list[Ratio]:
             ratio <= 1.15,
             f"lens {t_lens:.3f}s / forward {t_forward:.3f}s",
         ),
+        bf16_vs_fp32(ctx),
     ]

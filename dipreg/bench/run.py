@@ -2,7 +2,8 @@
 
 Each section (one module each: ``lens``, ``causal``, ``hinge``, ``monitor``) times one part of dipreg next to its
 reference measured in the same run and returns named ratios. Sections are imported only when they run, so
-``dipreg bench --only lens`` never imports Lightning.
+``dipreg bench --only lens`` never imports Lightning. Opt-in sections (``peers``: dipreg next to TransformerLens,
+nnsight and nnterp) run only when asked for, by ``--peers`` or by name in ``--only``.
 """
 
 from __future__ import annotations
@@ -28,12 +29,26 @@ SECTIONS: dict[str, str] = {
     "causal": "dipreg.bench.causal:causal_section",
     "hinge": "dipreg.bench.hinge:hinge_overhead_section",
     "monitor": "dipreg.bench.monitor:monitor_section",
+    "peers": "dipreg.bench.peers:peers_section",
 }
+#: Sections left out of the default selection (slow, or needing optional packages).
+OPT_IN: tuple[str, ...] = ("peers",)
+#: Pairs the ``peers`` section times the peers on (the first of the pair set): nnterp's patchscope runs every layer's
+#: transplant as a full forward of the neutral prompt (30 forwards per batch on the default model), which makes all
+#: 278 core pairs take far too long on a CPU; 8 pairs are one batch of 16 contexts.
+PEERS_PAIRS = 8
+
+
+def section_names(sections: Sequence[str] | None = None, peers: bool = False) -> list[str]:
+    """The sections to run: ``sections`` (default: all but :data:`OPT_IN`), plus ``peers`` when ``peers`` is set."""
+    names = [name for name in SECTIONS if name not in OPT_IN] if sections is None else list(sections)
+    return [*names, "peers"] if peers and "peers" not in names else names
 
 
 def load_sections(names: Sequence[str] | None = None) -> list[Section]:
-    """The section functions for ``names`` (default: all); unknown names raise a ValueError listing the choices."""
-    names = list(SECTIONS) if names is None else list(names)
+    """The section functions for ``names`` (default: all but :data:`OPT_IN`); unknown names raise a ValueError listing
+    the choices."""
+    names = section_names(names)
     unknown = [name for name in names if name not in SECTIONS]
     if unknown:
         raise ValueError(f"Unknown bench section(s) {unknown}; choose from: {', '.join(SECTIONS)}.")
@@ -53,15 +68,21 @@ def run_bench(
     batch_size: int = 16,
     naive_pairs: int = 32,
     sections: Sequence[str] | None = None,
+    peers: bool = False,
+    peers_pairs: int = PEERS_PAIRS,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run the named ``sections`` (default: all of :data:`SECTIONS`, in order), print a table and write ``bench.json``;
-    returns the payload. Bad options (counts, unknown section names, the pair set) raise a ValueError before ``out``
+    """Run the named ``sections`` (default: all of :data:`SECTIONS` but :data:`OPT_IN`, in order; ``peers`` adds the
+    peers section, timed on the first ``peers_pairs`` pairs), print a table and write ``bench.json``; returns the
+    payload. Bad options (counts, unknown section names, the pair set) raise a ValueError before ``out``
     is created and before the model loads."""
     validate_count(repeats, "--repeats")
     validate_count(naive_pairs, "--naive-pairs")
     validate_count(batch_size, "--batch-size")
-    chosen = load_sections(sections)
+    validate_count(peers_pairs, "--peers-pairs")
+    names = section_names(sections, peers)
+    chosen = load_sections(names)
+    options: dict[str, dict[str, Any]] = {"peers": {"num_pairs": peers_pairs}}
     pairs = load_pairs(pairs_name)
     console = console or Console()
     out_dir = prepare_out_dir(out)
@@ -69,8 +90,8 @@ def run_bench(
     ctx = BenchContext(model, tokenizer, pairs, batch_size, repeats, naive_pairs)
     ratios: list[Ratio] = []
     with console.status("benchmarking…"):
-        for section in chosen:
-            ratios.extend(section(ctx))
+        for name, section in zip(names, chosen, strict=True):
+            ratios.extend(section(ctx, **options.get(name, {})))
     table = Table(title=f"dipreg bench — {model_name or 'default:SmolLM2-135M-Instruct'}, {len(ctx.pairs)} pairs")
     for column in ("ratio", "value", "target", "met", "measured"):
         table.add_column(column)
@@ -85,6 +106,7 @@ def run_bench(
         repeats=repeats,
         batch_size=batch_size,
         naive_pairs=naive_pairs,
+        **({"peers_pairs": peers_pairs} if "peers" in names else {}),
         torch_threads=torch.get_num_threads(),
     )
     write_json(out_dir / "bench.json", payload)

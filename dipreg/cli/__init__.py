@@ -22,6 +22,7 @@ from rich.text import Text
 
 from dipreg.adapter import UnsupportedModelError
 from dipreg.cli import commands as _commands  # noqa: F401  (registers the commands)
+from dipreg.cli.options import load_scope
 from dipreg.cli.registry import COMMANDS
 from dipreg.models import ModelLoadError
 
@@ -71,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(argv[0] if argv else None).parse_args(argv)
     cmd = COMMANDS[args.command]
     try:
-        cmd.call(cmd.function(), args)
+        with load_scope(args):  # --device/--dtype/--device-map reach every model the command loads
+            cmd.call(cmd.function(), args)
     except USER_ERRORS as err:
         if debug:
             raise

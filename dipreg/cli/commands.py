@@ -9,6 +9,7 @@ import argparse
 from dipreg.cli.options import (
     Defaults,
     csv_list,
+    device_group,
     float_list,
     int_list,
     limit_arg,
@@ -82,6 +83,7 @@ def _audit(run: RunFunction, args: argparse.Namespace) -> object:
 
 def _bench_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
     from dipreg.bench import SECTIONS
+    from dipreg.bench.run import OPT_IN, section_names
 
     given = Defaults(run)
     model_group(p, run)
@@ -96,9 +98,18 @@ def _bench_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
         "--only",
         type=csv_list,
         default=given["sections"],
-        none=f"all: {','.join(SECTIONS)}",
+        none=f"all but {','.join(OPT_IN)}: {','.join(section_names())}",
         help=f"comma-separated sections, from {', '.join(SECTIONS)}",
     )
+    group = p.add_argument_group("peers (needs the peers extra)")
+    option(
+        group,
+        "--peers",
+        action="store_true",
+        default=given["peers"],
+        help="add the peers section: dipreg's lenses next to TransformerLens, nnsight and nnterp",
+    )
+    option(group, "--peers-pairs", type=int, default=given["peers_pairs"], help="pairs the peers are timed on")
     output_group(p, run)
 
 
@@ -117,6 +128,8 @@ def _bench(run: RunFunction, args: argparse.Namespace) -> object:
         batch_size=args.batch_size,
         naive_pairs=args.naive_pairs,
         sections=args.only,
+        peers=args.peers,
+        peers_pairs=args.peers_pairs,
     )
 
 
@@ -211,12 +224,17 @@ def _degrade(run: RunFunction, args: argparse.Namespace) -> object:
 def _bridge_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
     from dipreg.eval.readouts.interventions import INTERVENTIONS
     from dipreg.eval.readouts.readout import READOUT_NAMES
+    from dipreg.prompting import SINGLE_CONTEXT_STYLES
     from dipreg.stimuli import VIGNETTE_SETS
 
     given = Defaults(run)
     model_group(p, run)
     group = pairs_group(
-        p, run, pairs="pairs", pairs_help=f"vignette set(s), comma-separated: {' | '.join(VIGNETTE_SETS)}"
+        p,
+        run,
+        pairs="pairs",
+        pairs_help=f"vignette set(s), comma-separated: {' | '.join(VIGNETTE_SETS)}",
+        styles=SINGLE_CONTEXT_STYLES,
     )
     option(
         group,
@@ -301,7 +319,7 @@ def _fit(run: RunFunction, args: argparse.Namespace) -> object:
 
 def _arms_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
     # Only the module of run_arms knows its seed and λ defaults; importing it imports Lightning (arms only).
-    from dipreg.eval.arms.plan import ARM_RECIPES, ArmsSettings
+    from dipreg.eval.arms.plan import ARM_RECIPES, DEFAULT_ARMS, ArmsSettings
     from dipreg.eval.arms.runner import DEFAULT_LAMBDAS, DEFAULT_SEEDS
 
     given = Defaults(run)
@@ -322,7 +340,7 @@ def _arms_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
         "--arms",
         type=csv_list,
         default=given["arms"],
-        none=show(ARM_RECIPES),
+        none=show(DEFAULT_ARMS),
         help=f"comma-separated, from {', '.join(ARM_RECIPES)}",
     )
     option(
@@ -331,7 +349,7 @@ def _arms_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
         type=float_list,
         default=given["lambdas"],
         none=show(DEFAULT_LAMBDAS),
-        help="hinge weights; one dip_reg arm each",
+        help="hinge weights; one arm each per hinge arm (dip_reg, dip_reg_causal, dip_reg_tuned)",
     )
     option(group, "--seeds", type=int_list, default=given["seeds"], none=show(DEFAULT_SEEDS), help="training seeds")
     option(
@@ -378,6 +396,7 @@ def _ladder_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
     given = Defaults(run)
     group = p.add_argument_group("model")
     option(group, "--models", required=True, help="BASE:INSTRUCT[,BASE:INSTRUCT...] (HF names or local paths)")
+    device_group(p)
     why = "; base models have no chat template and both models must see the same text"
     group = pairs_group(p, run, pairs_help=pair_sets_help(), window=False, prompt_why=why)
     option(group, "--limit", type=int, default=given["limit"], none="all", help="use only the first N pairs")
@@ -409,3 +428,33 @@ def _ladder(run: RunFunction, args: argparse.Namespace) -> object:
         limit=args.limit,
         w3=args.w3,
     )
+
+
+def _prompt_styles_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
+    from dipreg.prompting import PROMPT_STYLES
+
+    given = Defaults(run)
+    model_group(p, run)
+    group = p.add_argument_group("sets and styles")
+    option(
+        group,
+        "--sets",
+        type=csv_list,
+        default=list(given["sets"]),
+        help=f"comma-separated pair sets: {pair_sets_help()} | vignettes (as label-readout pairs)",
+    )
+    styles = ", ".join(PROMPT_STYLES)
+    option(group, "--styles", type=csv_list, default=list(given["styles"]), help=f"comma-separated, from {styles}")
+    option(group, "--shots", type=int, default=given["shots"], help="worked examples per item (fewshot)")
+    option(group, "--batch-size", metavar="N", type=int, default=given["batch_size"], help="contexts per forward pass")
+    output_group(p, run)
+
+
+@command(
+    "prompt-styles",
+    "accuracy, strict accuracy and answer shares of every pair set under each prompt style (logit lens)",
+    "dipreg.prompt_styles:run_prompt_styles",
+    _prompt_styles_args,
+)
+def _prompt_styles(run: RunFunction, args: argparse.Namespace) -> object:
+    return run(args.model, args.sets, args.styles, args.out, batch_size=args.batch_size, shots=args.shots)

@@ -7,12 +7,15 @@ default is written once, next to the code that uses it; every option's help ends
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
+import json
+from pathlib import Path
 from typing import Any
 
 from dipreg.cli.registry import RunFunction
-from dipreg.models import DEFAULT_MODEL_NAME
+from dipreg.models import DEFAULT_MODEL_NAME, DEVICE_MAP_STRATEGIES, DTYPE_CHOICES, check_load_options, load_options
 from dipreg.prompting import PROMPT_STYLES
 
 
@@ -95,8 +98,66 @@ def limit_arg(text: str) -> int:
     return value
 
 
+def device_map_arg(text: str) -> str | dict[str, int | str]:
+    """``--device-map``: a strategy name, a JSON object, or a JSON file holding one (module name -> device)."""
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    source = Path(text).read_text(encoding="utf-8") if text.endswith(".json") and Path(text).is_file() else text
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected {' | '.join(DEVICE_MAP_STRATEGIES)}, a JSON object or a .json file, got {text!r}"
+        ) from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a device map is a JSON object of module name -> device, got {text!r}")
+    return value
+
+
+def device_group(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--device, --dtype, --device-map: where and in which precision every model the command loads lives
+    (:func:`dipreg.load_model`; :func:`load_scope` applies them)."""
+    group = p.add_argument_group("device and precision")
+    option(
+        group,
+        "--device",
+        default="auto",
+        help="where the model runs: auto (cuda when a GPU is present, else cpu) | cpu | cuda | cuda:INDEX",
+    )
+    option(
+        group,
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="weights' dtype; auto: bfloat16 on a GPU, float32 on a CPU (margins, DiD and statistics are float32 "
+        "whatever it is)",
+    )
+    option(
+        group,
+        "--device-map",
+        metavar="MAP",
+        type=device_map_arg,
+        none="none: the whole model on --device",
+        help=f"spread the blocks over devices with accelerate: {' | '.join(DEVICE_MAP_STRATEGIES)} | a JSON object "
+        "or .json file of module name -> GPU index, cpu or disk (e.g. a 32B audit over several GPUs: auto)",
+    )
+    return group
+
+
+def load_scope(args: argparse.Namespace) -> contextlib.AbstractContextManager[None]:
+    """The :func:`dipreg.models.load_options` scope of the parsed --device/--dtype/--device-map (a no-op for a
+    command without them); checks them at once (a ``ValueError`` names the option)."""
+    if not hasattr(args, "dtype"):
+        return contextlib.nullcontext()
+    try:
+        check_load_options(dtype=args.dtype, device=args.device, device_map=args.device_map)
+    except ValueError as err:
+        raise ValueError(f"--device/--dtype/--device-map: {err}") from err
+    return load_options(dtype=args.dtype, device=args.device, device_map=args.device_map)
+
+
 def model_group(p: argparse.ArgumentParser, run: RunFunction) -> argparse._ArgumentGroup:
-    """--model, feeding ``model_name``."""
+    """--model, feeding ``model_name``, and the :func:`device_group` options."""
     group = p.add_argument_group("model")
     option(
         group,
@@ -106,6 +167,7 @@ def model_group(p: argparse.ArgumentParser, run: RunFunction) -> argparse._Argum
         none=f"the embedded {DEFAULT_MODEL_NAME}",
         help="HF name or local path",
     )
+    device_group(p)
     return group
 
 
@@ -118,7 +180,8 @@ def pair_sets_help() -> str:
 
 PROMPT_HELP = (
     "how contexts are shown; auto: the chat template when the tokenizer has one (question as user turn, 'Answer:' "
-    "opening the assistant turn), else raw text"
+    "opening the assistant turn), else raw text; fewshot (pair sets only): raw text after 3 worked examples, "
+    "other items of the same family with their correct answers"
 )
 
 
@@ -132,8 +195,10 @@ def pairs_group(
     window: bool = True,
     prompt: bool = True,
     prompt_why: str = "",
+    styles: tuple[str, ...] = PROMPT_STYLES,
 ) -> argparse._ArgumentGroup:
-    """--pairs (feeding ``pairs``), and where the command has them --batch-size, --window, --prompt."""
+    """--pairs (feeding ``pairs``), and where the command has them --batch-size, --window, --prompt (``styles``:
+    its choices)."""
     given = Defaults(run)
     group = p.add_argument_group("pairs and prompt")
     option(group, "--pairs", default=given[pairs], help=pairs_help)
@@ -151,7 +216,7 @@ def pairs_group(
             help="dip window LO,HI: the relative-depth range max_wrong_dip reads",
         )
     if prompt:
-        option(group, "--prompt", choices=PROMPT_STYLES, default=given["prompt"], help=PROMPT_HELP + prompt_why)
+        option(group, "--prompt", choices=styles, default=given["prompt"], help=PROMPT_HELP + prompt_why)
     return group
 
 

@@ -55,8 +55,9 @@ def _patch_blocks(adapter: ModelAdapter, source: Tensor, patch: Tensor) -> Itera
 
         def hook(_module: nn.Module, _inputs: tuple, output: Tensor | tuple) -> Tensor | tuple:
             hidden = output_tensor(output)
-            if active:
-                last = torch.where(rows[:, None], patch, hidden[:, -1])
+            if active:  # the block may run on another device than the residuals were read on (device maps)
+                here = hidden.device
+                last = torch.where(rows.to(here)[:, None], patch.to(here, hidden.dtype), hidden[:, -1])
                 hidden = torch.cat([hidden[:, :-1], last[:, None]], dim=1)
                 output = _replace_output(output, hidden)
             if index == last_index:
@@ -148,7 +149,7 @@ class CausalLens:
         handle = self.adapter.layers[0].register_forward_hook(lambda _m, _i, out: seen.append(isinstance(out, tuple)))
         try:
             with self.adapter.eval_mode():
-                last = torch.tensor([self.neutral_ids[-1:]], device=self.adapter.device)
+                last = torch.tensor([self.neutral_ids[-1:]], device=self.adapter.input_device)
                 self.adapter.backbone(input_ids=last, past_key_values=self._prefix.expanded(1), use_cache=True)
         finally:
             handle.remove()
@@ -169,7 +170,7 @@ class CausalLens:
         flat = residuals.reshape(num_layers * n, dim)  # row r: source layer r // n, item r % n
         source = torch.arange(num_layers, device=flat.device).repeat_interleave(n)
         item = torch.arange(n, device=flat.device).repeat(num_layers)
-        last_token = torch.tensor([[self.neutral_ids[-1]]], device=adapter.device)
+        last_token = torch.tensor([[self.neutral_ids[-1]]], device=adapter.input_device)
         out = torch.empty(num_layers * n, dtype=torch.float32, device=flat.device)
         band = self._band(n)
         for first in range(0, num_layers, band):
@@ -204,7 +205,7 @@ def naive_causal_margins(
     Same inputs and output as :meth:`CausalLens.margins`; used by the tests and by ``dipreg bench``.
     """
     num_layers, n, _ = residuals.shape
-    ids = torch.tensor([neutral_ids], device=adapter.device)
+    ids = torch.tensor([neutral_ids], device=adapter.input_device)
     out = torch.empty(num_layers, n)
     for layer_index, layer in enumerate(adapter.layers):
         for i in range(n):
@@ -219,5 +220,5 @@ def naive_causal_margins(
                 logits = adapter.causal_lm(input_ids=ids, use_cache=False).logits[0, -1]
             finally:
                 handle.remove()
-            out[layer_index, i] = (logits[pos_ids[i]] - logits[neg_ids[i]]).float()
+            out[layer_index, i] = logits[int(pos_ids[i])].float() - logits[int(neg_ids[i])].float()
     return out

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dipreg.adapter import eval_mode
+from dipreg.agreement import item_agreement, summarise_agreement
 from dipreg.batching import pad_right, pad_token_id
 from dipreg.eval import stats
 from dipreg.eval.degradation.ledger import state_checksum
@@ -94,12 +95,14 @@ def evaluate_model(
     """Clean logit + causal trajectories, accuracy under every condition, and corpus NLL of one model.
 
     Returns a JSON-ready dict with ``summary`` (per-lens summaries), ``conditions`` (per label: accuracy,
-    flips vs clean, per-item correctness), ``fragility`` (flip rate under late deprivation α=0 when that
-    condition is run, among items correct when clean), ``nll`` and per-item dips.
+    flips vs clean, per-item correctness), ``agreement`` (logit vs causal lens, :mod:`dipreg.agreement`),
+    ``fragility`` (flip rate under late deprivation α=0 when that condition is run, among items correct when
+    clean), ``nll`` and per-item dips and agreements.
     """
     checksum = state_checksum(model)  # recorded with the results: the intact weights they were measured on
     lenses = trajectories_by_lens(model, tokenizer, pairs, ["logit", "causal"], batch_size=batch_size, prompt=prompt)
     logit = lenses["logit"]
+    rho, sign = item_agreement(logit.did, lenses["causal"].did, logit.window)
     clean = logit.correct.numpy()
     results: dict[str, Any] = {}
     fragility = None
@@ -125,10 +128,13 @@ def evaluate_model(
         "ids": [p.id for p in pairs],
         "checksum": checksum,
         "summary": {name: traj.summary()["all"] for name, traj in lenses.items()},
+        "agreement": summarise_agreement(rho, sign).as_dict(),
         "items": {
             "logit_dip": logit.max_wrong_dip.tolist(),
             "causal_dip": lenses["causal"].max_wrong_dip.tolist(),
             "final_did": logit.did[:, -1].tolist(),
+            "agreement_spearman": rho,
+            "agreement_sign": sign,
         },
         "conditions": results,
         "fragility": fragility,

@@ -1,6 +1,7 @@
 """What `dipreg arms` runs: the arms (recipe + λ), the seeds, and the size settings (full or ``--quick``).
 
-An arm is a recipe (a packaged name from ``dipreg.recipes`` or a YAML path) with, for ``dip_reg``, one λ per arm;
+An arm is a recipe (a packaged name from ``dipreg.recipes`` or a YAML path) with, for a hinge arm (``dip_reg``,
+``dip_reg_causal``, ``dip_reg_tuned``), one λ per arm;
 it is trained through the same LightningCLI as `dipreg fit`, so every recipe setting applies. The settings object is
 written to ``arms_config.json`` so that a resumed run can refuse to mix results of different settings.
 """
@@ -16,10 +17,26 @@ from dipreg.prompting import PromptFormat
 from dipreg.recipes import load_recipe
 from dipreg.stimuli import load_pairs
 
-__all__ = ["ARM_RECIPES", "SETTING_FLAGS", "ArmSpec", "ArmsSettings", "build_arms", "check_seeds"]
+__all__ = [
+    "ARM_RECIPES",
+    "DEFAULT_ARMS",
+    "HINGE_ARMS",
+    "HINGE_CLASSES",
+    "SETTING_FLAGS",
+    "ArmSpec",
+    "ArmsSettings",
+    "build_arms",
+    "check_seeds",
+]
 
-#: The three recipe arms of the paper (§6.1); ``dip_reg`` expands to one arm per λ.
-ARM_RECIPES: tuple[str, ...] = ("output_only", "late_only", "dip_reg")
+#: The arms without `--arms`: the three recipe arms of the paper (§6.1).
+DEFAULT_ARMS: tuple[str, ...] = ("output_only", "late_only", "dip_reg")
+#: Arms whose hinge weight λ is swept (`--lambdas`): one arm per λ, named ``<arm>_l<λ>``.
+HINGE_ARMS: tuple[str, ...] = ("dip_reg", "dip_reg_causal", "dip_reg_tuned")
+#: Every arm `dipreg arms` knows (each a packaged recipe of the same name).
+ARM_RECIPES: tuple[str, ...] = ("output_only", "late_only", "dip_reg", "dip_reg_causal", "dip_reg_tuned")
+#: Aux losses whose ``weight`` is the arm's λ (class names; matched on the end of ``class_path``).
+HINGE_CLASSES: tuple[str, ...] = ("WrongMarginHinge", "CausalMarginHinge", "TunedMarginHinge")
 
 #: Conditions every trained arm is evaluated under: clean plus the paper's Table 4 degradations, late block
 #: drop and mid pruning (§5.3), and late deprivation α=0, whose flip rate is the "fragility" column.
@@ -28,39 +45,50 @@ DEFAULT_CONDITIONS = "clean,rtn:bits=4,rtn:bits=3,late_svd:rank=64,mid_svd:rank=
 
 @dataclass(frozen=True)
 class ArmSpec:
-    """One trained arm: a name (``dip_reg_l0.2``), its recipe (a packaged name or a YAML path), and the hinge
-    weight λ (``None``: the recipe's)."""
+    """One trained arm: a name (``dip_reg_l0.2``), its recipe (a packaged name or a YAML path), the hinge
+    weight λ (``None``: the recipe's), and the tuned lens its ``TunedMarginHinge`` reads (``None``: the recipe's)."""
 
     name: str
     recipe: str
     lam: float | None = None
+    tuned_lens: str | None = None
 
     def recipe_config(self) -> dict[str, Any]:
-        """The recipe as a dict with λ applied to every ``WrongMarginHinge``."""
+        """The recipe as a dict with λ applied to every hinge (:data:`HINGE_CLASSES`) and ``tuned_lens`` to every
+        ``TunedMarginHinge``."""
         config = load_recipe(self.recipe)
-        if self.lam is not None:
-            for spec in (config.get("model") or {}).get("aux_losses") or []:
-                if spec["class_path"].endswith("WrongMarginHinge"):
-                    spec.setdefault("init_args", {})["weight"] = self.lam
+        for spec in (config.get("model") or {}).get("aux_losses") or []:
+            if self.lam is not None and spec["class_path"].endswith(HINGE_CLASSES):
+                spec.setdefault("init_args", {})["weight"] = self.lam
+            if self.tuned_lens is not None and spec["class_path"].endswith("TunedMarginHinge"):
+                spec.setdefault("init_args", {})["tuned_lens"] = self.tuned_lens
         return config
+
+    def needs_tuned_lens(self) -> bool:
+        """Whether the recipe trains with a ``TunedMarginHinge``."""
+        specs = (load_recipe(self.recipe).get("model") or {}).get("aux_losses") or []
+        return any(spec["class_path"].endswith("TunedMarginHinge") for spec in specs)
 
 
 def build_arms(arms: list[str], lambdas: list[float]) -> list[ArmSpec]:
-    """Expand arm names into specs; ``dip_reg`` gives one arm per λ. Unknown names raise a ValueError."""
+    """Expand arm names into specs; every hinge arm (:data:`HINGE_ARMS`) gives one arm per λ, named
+    ``<arm>_l<λ>``. Unknown or repeated names raise a ValueError."""
     unknown = [a for a in arms if a not in ARM_RECIPES]
     if unknown:
         raise ValueError(f"Unknown arm(s) {unknown}; choose from: {', '.join(ARM_RECIPES)}.")
     if not arms:
         raise ValueError("Name at least one arm (--arms output_only,late_only,dip_reg).")
+    if len(set(arms)) != len(arms):
+        raise ValueError(f"--arms names an arm twice: {arms}.")
     specs: list[ArmSpec] = []
     for arm in arms:
-        if arm == "dip_reg":
+        if arm in HINGE_ARMS:
             if not lambdas:
-                raise ValueError("dip_reg needs at least one λ (--lambdas 0.2).")
+                raise ValueError(f"{arm} needs at least one λ (--lambdas 0.2).")
             bad = [lam for lam in lambdas if lam <= 0]
             if bad:
                 raise ValueError(f"λ must be > 0 (λ = 0 is output_only), got {bad}.")
-            specs += [ArmSpec(f"dip_reg_l{lam:g}", "dip_reg", float(lam)) for lam in lambdas]
+            specs += [ArmSpec(f"{arm}_l{lam:g}", arm, float(lam)) for lam in lambdas]
         else:
             specs.append(ArmSpec(arm, arm))
     return specs

@@ -16,6 +16,8 @@ from typing import Any
 
 from rich.table import Table
 
+from dipreg.eval.arms.stats import LENS_SHAPED_AGREEMENT_DROP, LENS_SHAPED_DIP_DROP
+
 __all__ = ["ReportTable", "build_tables", "render_html", "render_markdown", "rich_table"]
 
 
@@ -53,7 +55,17 @@ def build_tables(result: dict[str, Any]) -> list[ReportTable]:
     n_seeds = len(result["seeds"])
     t3 = ReportTable(
         title=f"Table 3 — arms on {result['eval_pairs']} (n={result['eval_n']}; mean ± sd over {n_seeds} seed(s))",
-        columns=["arm", "acc", "dip", "commit", "fragility", "NLL", f"acc after {tables['retention_condition']}"],
+        columns=[
+            "arm",
+            "acc",
+            "dip",
+            "commit",
+            "fragility",
+            "NLL",
+            f"acc after {tables['retention_condition']}",
+            "step s",
+            "step overhead",
+        ],
         rows=[
             [
                 row["arm"],
@@ -63,12 +75,16 @@ def build_tables(result: dict[str, Any]) -> list[ReportTable]:
                 _ms(row["fragility"]),
                 _ms(row["nll"]),
                 _ms(row["retention"]),
+                _ms(row["step_seconds"], ".2f") if "step_seconds" in row else "—",
+                _num(row.get("step_overhead"), "+.0%"),
             ]
             for row in tables["table3"]
         ],
         note="dip, commit: logit lens, max_wrong_dip and commit_layer_frac. fragility: flip rate under late "
         "deprivation α=0 among items correct when clean (reliance on the late rescue). NLL: mean token NLL on "
-        "the shipped general-prose corpus (capability-tax proxy).",
+        "the shipped general-prose corpus (capability-tax proxy). step s: median wall time of a training step "
+        "(forward, backward, optimizer; monitor probes excluded); step overhead: vs output_only's (same machine, "
+        "shared load makes it noisy; `dipreg bench` measures it under control).",
     )
     arms = [row["arm"] for row in tables["table3"] if row["arm"] != "untrained"]
     others = [a for a in arms if a != "output_only"]
@@ -94,13 +110,40 @@ def build_tables(result: dict[str, Any]) -> list[ReportTable]:
         rows=mcnemar_rows,
         note="One test within each seed pairing; discordant pairs are never pooled across seeds.",
     )
+    t5_rows = tables["table5"]
+    reference = t5_rows[-1].get("reference", "output_only") if t5_rows else "output_only"
     t5 = ReportTable(
-        title="Table 5 — causal (patchscope) re-measurement of every arm",
-        columns=["arm", "causal dip", "causal commit", "dip change vs untrained"],
-        rows=[
-            [r["arm"], _ms(r["causal_dip"]), _ms(r["causal_commit"]), _num(r["change_vs_untrained"], "+.0%")]
-            for r in tables["table5"]
+        title="Table 5 — causal (patchscope) re-measurement of every arm, and lens agreement",
+        columns=[
+            "arm",
+            "causal dip",
+            "causal commit",
+            "causal dip vs untrained",
+            "causal dip vs output_only",
+            "logit dip",
+            "agreement ρ",
+            "sign agreement",
+            "flag",
         ],
+        rows=[
+            [
+                r["arm"],
+                _ms(r["causal_dip"]),
+                _ms(r["causal_commit"]),
+                _num(r["change_vs_untrained"], "+.0%"),
+                _num(r.get("change_vs_output_only"), "+.0%"),
+                _ms(r["logit_dip"]) if "logit_dip" in r else "—",
+                _ms(r["agreement_spearman"]) if "agreement_spearman" in r else "—",
+                _ms(r["agreement_sign"]) if "agreement_sign" in r else "—",
+                "lens-shaped repair" if r.get("lens_shaped_repair") else "",
+            ]
+            for r in t5_rows
+        ],
+        note="Changes: relative change of the arm-mean causal dip. Agreement (dipreg.agreement): per item, Spearman ρ "
+        "and the share of same-sign layers between the logit-lens and the causal-lens DiD over the dip window, "
+        "averaged over items (mean ± sd over seeds). Flag 'lens-shaped repair': a hinge arm whose logit dip is "
+        f"≥ {LENS_SHAPED_DIP_DROP:.0%} below {reference}'s while its agreement ρ is ≥ {LENS_SHAPED_AGREEMENT_DROP:.2f} "
+        f"below {reference}'s.",
     )
     fc = tables["forecast"]
     rho_logit = _num(fc["spearman_logit_dip_vs_retention"]["rho"], ".2f")

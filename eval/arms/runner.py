@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,11 @@ from rich.text import Text
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval.arms.evaluate import evaluate_model, general_texts, load_arm_model
 from dipreg.eval.arms.figures import monitor_figure, retention_figure
-from dipreg.eval.arms.plan import ARM_RECIPES, ArmSpec, ArmsSettings, build_arms, check_seeds
+from dipreg.eval.arms.plan import ARM_RECIPES, DEFAULT_ARMS, ArmSpec, ArmsSettings, build_arms, check_seeds
 from dipreg.eval.arms.report import build_tables, render_html, render_markdown, rich_table
 from dipreg.eval.arms.stats import RETENTION_CONDITION, arm_table, causal_table, forecast, retention_table
 from dipreg.eval.arms.train import TRAIN_DONE, limited_pairs, train_arm
+from dipreg.eval.arms.tuned import ensure_tuned_lens
 from dipreg.plots import save_figure
 
 __all__ = [
@@ -43,8 +45,10 @@ __all__ = [
     "EVAL_DONE",
     "RETENTION_FILE",
     "MarkerError",
+    "completed_jobs",
     "evaluate_stage",
     "read_marker",
+    "report_completed",
     "report_stage",
     "run_arms",
     "train_stage",
@@ -203,8 +207,11 @@ def run_arms(
 
     Args:
         model_name: base model (``None``: the embedded SmolLM2-135M-Instruct).
-        arms: arm names from :data:`~dipreg.eval.arms.plan.ARM_RECIPES` (default: all three).
-        lambdas: hinge weights; ``dip_reg`` trains one arm per λ (default: 0.2).
+        arms: arm names from :data:`~dipreg.eval.arms.plan.ARM_RECIPES` (default:
+            :data:`~dipreg.eval.arms.plan.DEFAULT_ARMS`, the paper's three).
+        lambdas: hinge weights; every hinge arm (``dip_reg``, ``dip_reg_causal``, ``dip_reg_tuned``) trains one
+            arm per λ (default: 0.2). ``dip_reg_tuned`` reads the run's tuned lens, trained once into
+            ``<out>/tuned-lens/`` (:func:`~dipreg.eval.arms.tuned.ensure_tuned_lens`).
         seeds: training seeds (default: 0, 1, 2).
         quick: CI-sized smoke run (:meth:`ArmsSettings.quick`).
         out: output folder.
@@ -213,13 +220,19 @@ def run_arms(
     console = console or Console()
     # Every option is checked before the output folder is made and any model loads.
     settings = (ArmsSettings.quick() if quick else ArmsSettings()).with_overrides(**overrides)
-    specs: list[ArmSpec] = build_arms(list(arms or ARM_RECIPES), list(lambdas or DEFAULT_LAMBDAS))
+    specs: list[ArmSpec] = build_arms(list(arms or DEFAULT_ARMS), list(lambdas or DEFAULT_LAMBDAS))
     seeds = check_seeds(list(DEFAULT_SEEDS if seeds is None else seeds))
     settings.check_pair_sets()
     if "output_only" not in [s.name for s in specs]:
         console.print("[yellow]note:[/] no output_only arm: the McNemar columns (vs output_only) stay empty.")
     out_dir = prepare_out_dir(out)
     _check_config(out_dir, {"model": model_name, "quick": quick, "settings": settings.as_dict()})
+    timings: dict[str, float] = {}
+    if any(spec.needs_tuned_lens() for spec in specs):
+        lens_path, seconds = ensure_tuned_lens(out_dir, model_name, quick=quick, console=console)
+        specs = [replace(s, tuned_lens=str(lens_path)) if s.needs_tuned_lens() else s for s in specs]
+        if seconds:
+            timings["tuned_lens_train"] = seconds
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -228,7 +241,7 @@ def run_arms(
     )
     with Progress(*columns, console=console) as progress:
         bar = StageProgress(progress, progress.add_task("arms", total=2 * len(specs) * len(seeds) + 1))
-        timings = train_stage(specs, seeds, settings, out_dir, model_name=model_name, bar=bar, console=console)
+        timings |= train_stage(specs, seeds, settings, out_dir, model_name=model_name, bar=bar, console=console)
         timings |= evaluate_stage(specs, seeds, settings, out_dir, model_name=model_name, bar=bar, console=console)
     return report_stage(
         specs, seeds, settings, out_dir, model_name=model_name, quick=quick, timings=timings, console=console
@@ -327,13 +340,15 @@ def report_stage(
     quick: bool = False,
     timings: dict[str, float] | None = None,
     console: Console | None = None,
+    jobs: list[tuple[ArmSpec, int]] | None = None,
 ) -> dict[str, Any]:
     """Stage 3: statistics over the finished runs, ``arms.json``, figures, ``report.md`` and ``report.html``;
-    returns the ``arms.json`` payload (``timings``: this invocation's stage times, recorded in it)."""
+    returns the ``arms.json`` payload (``timings``: this invocation's stage times, recorded in it). ``jobs``: the
+    arm × seed runs to report (default: every arm × every seed)."""
     console = console or Console()
     untrained = _required(out_dir / "runs" / "untrained" / EVAL_DONE)
     runs = []
-    for spec, seed in _jobs(specs, seeds):
+    for spec, seed in jobs if jobs is not None else _jobs(specs, seeds):
         run_dir = _run_dir(out_dir, spec, seed)
         train = _required(run_dir / TRAIN_DONE)
         retention = _required(run_dir / RETENTION_FILE)
@@ -382,6 +397,43 @@ def report_stage(
         console.print(rich_table(table))
     console.print(f"wrote {out_dir / 'arms.json'}, report.md, report.html, retention.png, monitor.png")
     return result
+
+
+def completed_jobs(out_dir: Path) -> list[tuple[ArmSpec, int]]:
+    """Every arm × seed under ``out_dir/runs`` whose training and evaluation finished (complete ``train.json``,
+    ``retention.json`` and ``eval.json``), ordered by arm (as in :data:`~dipreg.eval.arms.plan.ARM_RECIPES`, then
+    λ) and seed."""
+    order = {name: i for i, name in enumerate(ARM_RECIPES)}
+    found = []
+    for train_file in sorted((out_dir / "runs").glob(f"*/seed*/{TRAIN_DONE}")):
+        run_dir = train_file.parent
+        try:
+            records = [read_marker(run_dir / name) for name in (TRAIN_DONE, RETENTION_FILE, EVAL_DONE)]
+        except MarkerError:
+            continue
+        if any(record is None for record in records):
+            continue
+        train = records[0]
+        spec = ArmSpec(str(train["arm"]), str(train["recipe"]), train.get("lambda"))
+        found.append((spec, int(train["seed"])))
+    return sorted(found, key=lambda job: (order.get(job[0].recipe, len(order)), job[0].lam or 0.0, job[0].name, job[1]))
+
+
+def report_completed(out: str | Path, *, console: Console | None = None) -> dict[str, Any]:
+    """Stage 3 alone over whatever finished in ``out`` (e.g. while a long run is still training, or after
+    invocations with different arms and seeds into one folder): :func:`report_stage` on :func:`completed_jobs`,
+    with the settings of ``arms_config.json``. Needs the untrained model's ``eval.json``."""
+    out_dir = Path(out)
+    config = _required(out_dir / CONFIG_FILE)
+    jobs = completed_jobs(out_dir)
+    if not jobs:
+        raise MarkerError(f"No finished arm × seed in {out_dir / 'runs'} yet (each needs train.json and eval.json).")
+    specs = list(dict.fromkeys(spec for spec, _ in jobs))
+    seeds = sorted({seed for _, seed in jobs})
+    settings = ArmsSettings(**config["settings"])
+    return report_stage(
+        specs, seeds, settings, out_dir, model_name=config["model"], quick=config["quick"], console=console, jobs=jobs
+    )
 
 
 def _required(path: Path) -> dict[str, Any]:

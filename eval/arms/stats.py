@@ -14,12 +14,16 @@ from typing import Any
 import numpy as np
 
 from dipreg.eval import stats
+from dipreg.eval.arms.plan import HINGE_ARMS
 
 __all__ = [
+    "LENS_SHAPED_AGREEMENT_DROP",
+    "LENS_SHAPED_DIP_DROP",
     "RETENTION_CONDITION",
     "arm_table",
     "causal_table",
     "forecast",
+    "lens_shaped_repair",
     "mean_sd",
     "per_seed_mcnemar",
     "retention_table",
@@ -29,6 +33,10 @@ __all__ = [
 RETENTION_CONDITION = "mid_svd:rank=64"
 REFERENCE_ARM = "output_only"
 SATURATION_ACCURACY = 0.95
+#: "Lens-shaped repair": a hinge arm whose logit dip is at least this fraction below the reference's ...
+LENS_SHAPED_DIP_DROP = 0.25
+#: ... while its mean per-item Spearman agreement (logit vs causal lens) is at least this much below the reference's.
+LENS_SHAPED_AGREEMENT_DROP = 0.20
 
 
 def mean_sd(values: Sequence[float | None]) -> dict[str, Any]:
@@ -50,7 +58,10 @@ def _by_arm(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def _row(ev: dict[str, Any]) -> dict[str, float | None]:
     logit, causal = ev["summary"]["logit"], ev["summary"]["causal"]
     retention = ev["conditions"].get(RETENTION_CONDITION, {}).get("accuracy")
+    agreement = ev.get("agreement") or {}  # absent in eval.json files written before the agreement metric
     return {
+        "agreement_spearman": agreement.get("spearman"),
+        "agreement_sign": agreement.get("sign"),
         "accuracy": logit["accuracy"],
         "dip": logit["mean_max_wrong_dip"],
         "commit": logit["mean_commit_layer_frac"],
@@ -62,33 +73,98 @@ def _row(ev: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+def _is_hinge_arm(runs: Sequence[dict[str, Any]]) -> bool:
+    return any(r.get("recipe") in HINGE_ARMS or r.get("lambda") is not None for r in runs)
+
+
+def _step_seconds(run: dict[str, Any]) -> float | None:
+    return (run.get("train") or {}).get("step_seconds_median")
+
+
 def arm_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> list[dict[str, Any]]:
-    """Table 3: per arm (mean ± sd over seeds) accuracy, logit dip, commit, fragility, NLL, retention."""
+    """Table 3: per arm (mean ± sd over seeds) accuracy, logit dip, commit, fragility, NLL, retention, the median
+    training-step time and its overhead over output_only's (arm mean / output_only mean − 1)."""
     rows = [{"arm": "untrained", **{k: mean_sd([v]) for k, v in _row(untrained).items()}}]
+    reference = mean_sd([_step_seconds(r) for r in runs if r["arm"] == REFERENCE_ARM])["mean"]
     for arm, arm_runs in _by_arm(runs).items():
         per_seed = [_row(r["eval"]) for r in arm_runs]
-        rows.append({"arm": arm, **{k: mean_sd([p[k] for p in per_seed]) for k in per_seed[0]}})
+        step = mean_sd([_step_seconds(r) for r in arm_runs])
+        overhead = step["mean"] / reference - 1 if reference and not math.isnan(reference) else math.nan
+        rows.append(
+            {
+                "arm": arm,
+                **{k: mean_sd([p[k] for p in per_seed]) for k in per_seed[0]},
+                "step_seconds": step,
+                "step_overhead": overhead,
+            }
+        )
     return rows
 
 
+def lens_shaped_repair(arm: dict[str, float], reference: dict[str, float], *, is_hinge: bool = True) -> bool:
+    """The "lens-shaped repair" flag: a hinge arm whose mean logit dip is at least :data:`LENS_SHAPED_DIP_DROP`
+    (relative) below the reference's while its mean per-item Spearman agreement between the logit and the causal
+    lens is at least :data:`LENS_SHAPED_AGREEMENT_DROP` (absolute) below the reference's. ``arm`` and
+    ``reference`` hold ``dip`` (logit) and ``agreement_spearman`` means; a missing value never flags."""
+    values = [arm.get("dip"), arm.get("agreement_spearman"), reference.get("dip"), reference.get("agreement_spearman")]
+    if not is_hinge or any(v is None or math.isnan(v) for v in values):
+        return False
+    dip_falls = arm["dip"] <= (1 - LENS_SHAPED_DIP_DROP) * reference["dip"]
+    collapses = arm["agreement_spearman"] <= reference["agreement_spearman"] - LENS_SHAPED_AGREEMENT_DROP
+    return bool(dip_falls and collapses)
+
+
 def causal_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> list[dict[str, Any]]:
-    """Table 5: causal (patchscope) dip and commit of every arm, and the relative change of the dip vs untrained."""
+    """Table 5: causal (patchscope) dip and commit of every arm, the relative change of the causal dip vs the
+    untrained model and vs output_only (arm means), the lens agreement (mean ± sd over seeds of the per-item means)
+    and the "lens-shaped repair" flag (:func:`lens_shaped_repair`, reference: output_only when it ran, else the
+    untrained model; ``reference`` names it)."""
     base_row = _row(untrained)
     base = base_row["causal_dip"]
+
+    def means(rows: Sequence[dict[str, float | None]]) -> dict[str, float]:
+        return {k: mean_sd([r[k] for r in rows])["mean"] for k in ("dip", "causal_dip", "agreement_spearman")}
+
+    by_arm = _by_arm(runs)
+    reference_name = REFERENCE_ARM if REFERENCE_ARM in by_arm else "untrained"
+    reference_rows = [_row(r["eval"]) for r in by_arm[REFERENCE_ARM]] if REFERENCE_ARM in by_arm else [base_row]
+    reference = means(reference_rows)
+    vs_output_only = reference["causal_dip"] if reference_name == REFERENCE_ARM else None
+
+    def change(value: float, against: float | None) -> float:
+        return (value - against) / abs(against) if against and not math.isnan(against) else math.nan
+
     rows = [
         {
             "arm": "untrained",
             "causal_dip": mean_sd([base]),
             "causal_commit": mean_sd([base_row["causal_commit"]]),
+            "logit_dip": mean_sd([base_row["dip"]]),
             "change_vs_untrained": 0.0,
+            "change_vs_output_only": change(base, vs_output_only),
+            "agreement_spearman": mean_sd([base_row["agreement_spearman"]]),
+            "agreement_sign": mean_sd([base_row["agreement_sign"]]),
+            "lens_shaped_repair": False,
+            "reference": reference_name,
         }
     ]
-    for arm, arm_runs in _by_arm(runs).items():
+    for arm, arm_runs in by_arm.items():
         per_seed = [_row(r["eval"]) for r in arm_runs]
         dip = mean_sd([p["causal_dip"] for p in per_seed])
-        commit = mean_sd([p["causal_commit"] for p in per_seed])
-        change = (dip["mean"] - base) / abs(base) if base else math.nan
-        rows.append({"arm": arm, "causal_dip": dip, "causal_commit": commit, "change_vs_untrained": change})
+        rows.append(
+            {
+                "arm": arm,
+                "causal_dip": dip,
+                "causal_commit": mean_sd([p["causal_commit"] for p in per_seed]),
+                "logit_dip": mean_sd([p["dip"] for p in per_seed]),
+                "change_vs_untrained": change(dip["mean"], base),
+                "change_vs_output_only": change(dip["mean"], vs_output_only),
+                "agreement_spearman": mean_sd([p["agreement_spearman"] for p in per_seed]),
+                "agreement_sign": mean_sd([p["agreement_sign"] for p in per_seed]),
+                "lens_shaped_repair": lens_shaped_repair(means(per_seed), reference, is_hinge=_is_hinge_arm(arm_runs)),
+                "reference": reference_name,
+            }
+        )
     return rows
 
 

@@ -4,16 +4,18 @@ The arm is instantiated through the same LightningCLI as `dipreg fit` (:func:`di
 recipe (λ applied) written to ``recipe.yaml`` in the run folder, so every recipe setting applies; the arms runner
 overrides only the seed, the base model, the sizes of :class:`ArmsSettings`, the logger and its own callbacks.
 
-Everything a later stage needs lands in the run folder: ``recipe.yaml``, ``tb/adapter/`` (PEFT
-``save_pretrained``), ``tb/dip_history.json`` (the DipMonitor history), ``tb/heldout.json`` (the recipe's
-HeldOutEval), ``tb/config.yaml`` (the configuration as parsed), ``retention.json`` (CompressionRetention at the
-last step), the TensorBoard events, and ``train.json``, written last, which marks the run as finished (resume
-skips it).
+A :class:`StepTimer` records the wall time of every training step (``step_seconds_median`` in ``train.json``: the
+hinge overhead of an arm is its median step time over output_only's). Everything a later stage needs lands in the
+run folder: ``recipe.yaml``, ``tb/adapter/`` (PEFT ``save_pretrained``), ``tb/dip_history.json`` (the DipMonitor
+history), ``tb/heldout.json`` (the recipe's HeldOutEval), ``tb/config.yaml`` (the configuration as parsed),
+``retention.json`` (CompressionRetention at the last step), the TensorBoard events, and ``train.json``, written
+last, which marks the run as finished (resume skips it).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +41,31 @@ TRAIN_DONE = "train.json"
 RECIPE_FILE = "recipe.yaml"
 
 
+class StepTimer(pl.Callback):
+    """Wall time of every training batch (forward, backward, optimizer step), from ``on_train_batch_start`` to
+    ``on_train_batch_end``; listed before the DipMonitor, so its probes are not counted."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+    def summary(self) -> dict[str, float | None]:
+        """Median step time over the steps after the first (the first pays one-off warm-up) and the total."""
+        steady = self.seconds[1:] or self.seconds
+        return {
+            "step_seconds_median": statistics.median(steady) if steady else None,
+            "step_seconds_total": sum(self.seconds),
+        }
+
+
 class ArmRun(NamedTuple):
     """One arm × seed, instantiated and ready to fit."""
 
@@ -47,6 +74,7 @@ class ArmRun(NamedTuple):
     trainer: pl.Trainer
     monitor: DipMonitor
     retention: CompressionRetention
+    timer: StepTimer | None = None
 
 
 def limited_pairs(name: str, limit: int | None) -> list:
@@ -130,19 +158,20 @@ def build_arm_run(
         prompt=settings.prompt,
         batch_size=settings.batch_eval,
     )
+    timer = StepTimer()
     cli = build_cli(
         arm_cli_args(recipe_file, seed, settings, run_dir, model_name),
         run=False,
-        trainer_defaults={"callbacks": [monitor, retention]},  # no RichProgressBar: the bar is off here
+        trainer_defaults={"callbacks": [timer, monitor, retention]},  # no RichProgressBar: the bar is off here
     )
-    return ArmRun(cli.model, cli.datamodule, cli.trainer, monitor, retention)
+    return ArmRun(cli.model, cli.datamodule, cli.trainer, monitor, retention, timer)
 
 
 def train_arm(
     arm: ArmSpec, seed: int, settings: ArmsSettings, run_dir: Path, *, model_name: str | None = None
 ) -> dict[str, Any]:
     """Train ``arm`` with ``seed`` into ``run_dir`` and return the contents of ``train.json``."""
-    module, data, trainer, monitor, retention = build_arm_run(arm, seed, settings, run_dir, model_name)
+    module, data, trainer, monitor, retention, timer = build_arm_run(arm, seed, settings, run_dir, model_name)
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -158,6 +187,7 @@ def train_arm(
         "seed": seed,
         "steps": trainer.global_step,
         "train_seconds": train_seconds,
+        **(timer.summary() if timer is not None else {}),
         "total_seconds": time.perf_counter() - start,
         "final_train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
         # DipRegModule exports the adapter and DipMonitor its history into the logger's folder:

@@ -9,13 +9,18 @@ its bytes now, the original module back in each replaced slot, each hook gone.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
+
+from dipreg.devices import named_tensor
+
+#: Marks a weights-map slot that was empty before :meth:`Ledger.swap_entry` filled it.
+_ABSENT = object()
 
 
 def _hash_tensor(digest: Any, tensor: Tensor) -> None:
@@ -48,6 +53,7 @@ class Ledger:
     _weights: list[tuple[Tensor, str]] = field(default_factory=list)
     _modules: list[tuple[nn.Module, str, nn.Module]] = field(default_factory=list)
     _hooks: list[RemovableHandle] = field(default_factory=list)
+    _entries: list[tuple[MutableMapping[str, Tensor], str, object]] = field(default_factory=list)
 
     def overwrite(self, param: Tensor, value: Tensor) -> None:
         """Copy ``param`` aside (and record a digest of its original bytes), then write ``value`` into it in place
@@ -73,6 +79,23 @@ class Ledger:
         setattr(parent, name, new)
         self._modules.append((parent, name, old))
         self._undo.append(lambda: setattr(parent, name, old))
+
+    def swap_entry(self, mapping: MutableMapping[str, Tensor], key: str, value: Tensor) -> None:
+        """Put ``value`` at ``mapping[key]`` (the slot an offloaded weight is loaded from, see
+        :func:`dipreg.devices.offload_slot`); the original entry, or its absence, is kept by reference and put back on
+        restore (no copy)."""
+        old = mapping.get(key, _ABSENT)
+        self.new_bytes += value.nbytes
+        mapping[key] = value
+        self._entries.append((mapping, key, old))
+
+        def undo() -> None:
+            if old is _ABSENT:
+                del mapping[key]
+            else:
+                mapping[key] = old  # type: ignore[assignment]
+
+        self._undo.append(undo)
 
     def hook(self, handle: RemovableHandle) -> None:
         """Remove ``handle`` on restore."""
@@ -107,6 +130,9 @@ class Ledger:
         for parent, name, old in self._modules:
             if parent._modules.get(name) is not old:
                 problems.append(f"module {type(parent).__name__}.{name} is not the original module")
+        for mapping, key, old in self._entries:
+            if mapping.get(key, _ABSENT) is not old:
+                problems.append(f"offloaded weight {key} is not its original entry")
         for handle in self._hooks:
             hooks = handle.hooks_dict_ref()
             if hooks is not None and handle.id in hooks:
@@ -115,12 +141,14 @@ class Ledger:
 
 
 def state_checksum(model: nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of every parameter and buffer of ``model``."""
+    """SHA-256 over the names, dtypes, shapes and bytes of every parameter and buffer of ``model``. A weight that
+    accelerate offloads (a ``meta`` parameter) is hashed from the value its hook loads, so a dispatched model has
+    the checksum of the same model in one piece."""
     digest = hashlib.sha256()
     tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     for name, tensor in tensors:
         digest.update(f"{name}|".encode())
-        _hash_tensor(digest, tensor)
+        _hash_tensor(digest, named_tensor(model, name) if tensor.is_meta else tensor)
     return digest.hexdigest()
 
 

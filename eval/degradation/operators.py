@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dipreg.adapter import ModelAdapter
+from dipreg.devices import execution_device, module_tensor, offload_slot
 from dipreg.eval.degradation import quantize
 from dipreg.eval.degradation.layouts import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
 from dipreg.eval.degradation.ledger import Ledger, check_restored, state_checksum
@@ -95,10 +96,29 @@ def span_layers(num_layers: int, fraction: float, end: float) -> list[int]:
 # ---------------------------------------------------------------- operators
 
 
+def _weight(linear: nn.Module) -> Tensor:
+    """The live weight matrix of ``linear``, also when accelerate offloads it (its parameter is then ``meta``)."""
+    return module_tensor(linear, "weight")
+
+
+def _write_weight(ledger: Ledger, linear: nn.Module, value: Tensor) -> None:
+    """Make ``linear`` compute with ``value`` until the ledger restores it: in place for a weight on the module, or,
+    when accelerate offloads it, by swapping the entry its hook loads from (the stored original is never touched)."""
+    slot = offload_slot(linear, "weight")
+    if slot is None:
+        ledger.overwrite(linear.weight, value)
+        return
+    mapping, key = slot
+    original = mapping.get(key)
+    if original is None:  # stored on disk only: the loader reads it afresh on every access
+        original = _weight(linear)
+    ledger.swap_entry(mapping, key, value.to(original.device, original.dtype))
+
+
 def _quantize_blocks(adapter: ModelAdapter, ledger: Ledger, op: str, fn: Callable[[Tensor], Tensor]) -> dict:
     linears = block_linears(adapter, op)
     for _name, linear in linears:
-        ledger.overwrite(linear.weight, fn(linear.weight))
+        _write_weight(ledger, linear, fn(_weight(linear)))
     return {"matrices": len(linears)}
 
 
@@ -107,7 +127,7 @@ def _rtn(adapter: ModelAdapter, ledger: Ledger, *, bits: int, group_size: int | 
 
 
 def _int8(adapter: ModelAdapter, ledger: Ledger) -> dict:
-    return _quantize_blocks(adapter, ledger, "int8", lambda w: quantize.rtn(w, 8))
+    return _quantize_blocks(adapter, ledger, "int8", quantize.int8)
 
 
 def _nf4(adapter: ModelAdapter, ledger: Ledger, *, block_size: int) -> dict:
@@ -131,19 +151,21 @@ def _svd(adapter: ModelAdapter, ledger: Ledger, layers: list[int], *, op: str, r
                 )
     for mlp in mlps:
         for linear in mlp.base_linears():
-            ledger.overwrite(linear.weight, truncated_svd(linear.weight, rank))
+            _write_weight(ledger, linear, truncated_svd(_weight(linear), rank))
     return {"matrices": sum(len(mlp.base_linears()) for mlp in mlps)}
 
 
 def _sliced_linear(linear: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
-    """A new Linear holding only the ``keep`` rows (dim 0: outputs) or columns (dim 1: inputs) of ``linear``."""
-    weight = linear.weight.detach().index_select(dim, keep)
-    bias = linear.bias
+    """A new Linear holding only the ``keep`` rows (dim 0: outputs) or columns (dim 1: inputs) of ``linear``, on the
+    device ``linear`` runs on (an offloaded ``linear``'s slice is held by the new module itself)."""
+    device = execution_device(linear)
+    weight = _weight(linear).detach().index_select(dim, keep.to(_weight(linear).device)).to(device)
+    bias = module_tensor(linear, "bias").to(device) if linear.bias is not None else None
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init allocation
     new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     if bias is not None:
         kept_bias = bias.detach().clone() if dim == 1 else bias.detach().index_select(0, keep)
-        new.bias = nn.Parameter(kept_bias, requires_grad=bias.requires_grad)
+        new.bias = nn.Parameter(kept_bias, requires_grad=linear.bias.requires_grad)
     return new
 
 
@@ -165,10 +187,9 @@ def _prune(adapter: ModelAdapter, ledger: Ledger, layers: list[int], *, fraction
         inputs, output = mlp.inputs, mlp.output
         width = output.weight.shape[1]
         # L2 importance of intermediate channel j: the norm of every weight attached to it (its rows in the input
-        # projections and its column in the output projection).
-        importance = sum(m.weight.detach().float().pow(2).sum(1) for m in inputs) + output.weight.detach().float().pow(
-            2
-        ).sum(0)
+        # projections and its column in the output projection), on the CPU (the matrices may sit on any device).
+        rows = sum(_weight(m).detach().float().pow(2).sum(1).cpu() for m in inputs)
+        importance = rows + _weight(output).detach().float().pow(2).sum(0).cpu()
         removed = math.floor(fraction * width)
         if removed >= width:
             raise DegradeError(f"mid_prune: fraction={fraction} would remove all {width} channels; use < 1.")
@@ -184,8 +205,9 @@ def _residual_hook(alpha: float) -> Callable:
     """Forward hook making a block return ``in + α·(block(in) − in)``; α = 0 returns ``in`` itself."""
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> Tensor | tuple:
-        hidden_in = args[0] if args else kwargs["hidden_states"]
         hidden_out = output if isinstance(output, Tensor) else output[0]
+        # the block's input may still be on the previous block's device (device maps): bring it to the output's
+        hidden_in = (args[0] if args else kwargs["hidden_states"]).to(hidden_out.device)
         new = hidden_in if alpha == 0.0 else hidden_in + alpha * (hidden_out - hidden_in)
         return new if isinstance(output, Tensor) else (new, *output[1:])
 
@@ -248,6 +270,9 @@ class Operator:
                 raise DegradeError(f"{self.name}: start={merged['start']} must be below end={merged['end']}.")
         if "bits" in merged and merged["bits"] not in quantize.RTN_BITS:
             raise DegradeError(f"{self.name}: bits={merged['bits']} is not supported; use one of {quantize.RTN_BITS}.")
+        problem = quantize.bitsandbytes_problem(self.name, merged)  # nf4/int8: bitsandbytes installed, block size
+        if problem:
+            raise DegradeError(problem)
         for key in ("rank", "group_size", "block_size"):
             value = merged.get(key)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -289,13 +314,15 @@ OPERATORS: dict[str, Operator] = {
         ),
         Operator(
             "nf4",
-            "blockwise NF4 (absmax per block of block_size values) of every Linear weight in the decoder blocks",
+            "blockwise NF4 (absmax per block of block_size values) of every Linear weight in the decoder blocks, "
+            "through bitsandbytes' quantize_4bit/dequantize_4bit",
             {"block_size": 64},
             lambda a, led, layers, **p: _nf4(a, led, **p),
         ),
         Operator(
             "int8",
-            "whole-depth 8-bit per-output-channel absmax quantization (LLM.int8 without the outlier path)",
+            "whole-depth 8-bit per-output-channel absmax quantization (LLM.int8 without the outlier path), through "
+            "bitsandbytes' int8_vectorwise_quant/dequant",
             {},
             lambda a, led, layers: _int8(a, led),
         ),

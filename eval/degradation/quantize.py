@@ -1,20 +1,30 @@
 """Simulated weight quantization (quantize then dequantize) as pure tensor functions; no model access.
 
-Round-to-nearest (RTN) symmetric absmax quantization per output channel or per group, and blockwise NF4.
-bitsandbytes is not installed here (and its 4-bit kernels need CUDA), so NF4 is written out: the code table is
-built the way bitsandbytes builds it (``create_normal_map`` with offset 0.9677083, QLoRA) and a test checks it
-against the constants bitsandbytes publishes in ``functional.get_4bit_type``.
+- Round-to-nearest (RTN) symmetric absmax per output channel or per group, written out here: no library we use
+  offers 3-bit RTN with this rounding convention (absmax/(2^(b-1)-1), no clipping).
+- NF4 and int8 run through bitsandbytes' own functions (``quantize_4bit``/``dequantize_4bit`` with
+  ``quant_type="nf4"``, ``int8_vectorwise_quant``/``int8_vectorwise_dequant``), the code that ``Linear4bit`` and
+  LLM.int8 use, on the CPU and on GPUs alike. bitsandbytes is the optional extra ``dipreg[quant]``; without it these
+  two fail with one line that names the extra (:func:`bitsandbytes_problem`, checked before any model loads).
 """
 
 from __future__ import annotations
 
+import logging
 from functools import cache
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 
 RTN_BITS: tuple[int, ...] = (8, 4, 3)
-NF4_OFFSET = 0.9677083
+#: Block sizes bitsandbytes' 4-bit quantization accepts.
+NF4_BLOCK_SIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Operators computed by bitsandbytes.
+BITSANDBYTES_OPS: tuple[str, ...] = ("nf4", "int8")
+#: What to install when bitsandbytes is missing.
+QUANT_EXTRA = "pip install 'dipreg[quant]'"
 
 
 def rtn(weight: Tensor, bits: int, group_size: int | None = None) -> Tensor:
@@ -45,36 +55,80 @@ def rtn(weight: Tensor, bits: int, group_size: int | None = None) -> Tensor:
 
 
 @cache
-def _nf4_code_list() -> tuple[float, ...]:
-    from scipy.stats import norm  # imported here: only NF4 needs it, and the CLI imports this module early
+def _bitsandbytes() -> ModuleType | None:
+    """``bitsandbytes.functional``, or ``None`` when bitsandbytes is not installed (imported once)."""
+    # Importing it on a CPU without the optional `kernels` package logs a warning about a 4-bit GEMM we never call.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes.functional as functional
+    except ImportError:
+        return None
+    return functional
 
-    # bitsandbytes' create_normal_map(offset, use_extra_value=True) restricted to the 16 NF4 values: 8 positive
-    # and 7 negative normal quantiles plus an exact zero, normalised to [-1, 1].
-    positive = norm.ppf(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].numpy()).tolist()
-    negative = (-norm.ppf(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].numpy())).tolist()
-    values = torch.tensor(sorted([*positive, 0.0, *negative]))
-    return tuple((values / values.max()).tolist())
+
+def bitsandbytes_problem(op: str, params: dict[str, Any]) -> str | None:
+    """Why operator ``op`` cannot run with ``params`` here (bitsandbytes missing, an NF4 block size bitsandbytes
+    refuses), in one line, or ``None``. Operators outside :data:`BITSANDBYTES_OPS` always get ``None``."""
+    if op not in BITSANDBYTES_OPS:
+        return None
+    if _bitsandbytes() is None:
+        return f"{op} runs through bitsandbytes, which is not installed: {QUANT_EXTRA} (bitsandbytes>=0.45)."
+    block_size = params.get("block_size")
+    if op == "nf4" and block_size is not None and block_size not in NF4_BLOCK_SIZES:
+        sizes = ", ".join(map(str, NF4_BLOCK_SIZES))
+        return f"nf4: block_size={block_size} is not one bitsandbytes supports; use one of {sizes}."
+    return None
+
+
+def _functional(op: str) -> ModuleType:
+    functional = _bitsandbytes()
+    if functional is None:
+        raise ValueError(bitsandbytes_problem(op, {}))
+    return functional
+
+
+def _float_input(weight: Tensor) -> Tensor:
+    # bitsandbytes quantizes float32, float16 and bfloat16; anything else goes in as float32.
+    w = weight.detach()
+    return w if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else w.float()
 
 
 def nf4_code() -> Tensor:
-    """The 16 NF4 levels in ascending order (float32), from -1 to 1 with an exact 0."""
-    return torch.tensor(_nf4_code_list(), dtype=torch.float32)
+    """The 16 NF4 levels bitsandbytes uses (``functional.get_4bit_type("nf4")``), ascending, float32."""
+    return _functional("nf4").get_4bit_type("nf4", device="cpu").float()
 
 
 def nf4(weight: Tensor, block_size: int = 64) -> Tensor:
-    """Blockwise NF4 of any tensor, dequantized back to its dtype (bitsandbytes' ``quantize_4bit`` semantics).
+    """Blockwise NF4 of any tensor through bitsandbytes, dequantized back to its dtype.
 
-    The tensor is flattened in row-major order and cut into blocks of ``block_size`` values (the last one padded
-    with zeros); each block is divided by its absmax and every value snapped to the nearest NF4 level.
+    ``quantize_4bit(w, blocksize=block_size, quant_type="nf4")`` then ``dequantize_4bit``: the tensor is
+    flattened in row-major order and cut into blocks of ``block_size`` values (the last one may be shorter);
+    each block is scaled by the reciprocal of its absmax (kept in float32) and every value snapped to the nearest
+    NF4 level. float16/bfloat16 weights are scaled in float32 and the result is rounded back to their dtype.
     """
-    if block_size < 1:
-        raise ValueError(f"block_size={block_size} must be a positive integer (bitsandbytes uses 64).")
-    flat = weight.detach().float().reshape(-1)
-    pad = (-flat.numel()) % block_size
-    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, block_size)
-    absmax = blocks.abs().amax(-1, keepdim=True)
-    absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    code = nf4_code()
-    index = torch.bucketize(blocks / absmax, (code[1:] + code[:-1]) / 2)
-    out = (code[index] * absmax).reshape(-1)[: flat.numel()]
-    return out.reshape(weight.shape).to(weight.dtype)
+    functional = _functional("nf4")
+    problem = bitsandbytes_problem("nf4", {"block_size": block_size})
+    if problem:
+        raise ValueError(problem)
+    # Quantized as one flat row: NF4 blocks run over the flattened tensor, but bitsandbytes 0.50.2's CPU
+    # dequantize kernel counts blocks row by row, so a 2-D (576, 576) weight with block_size 128 (576 = 4.5
+    # blocks per row) would come back scaled by the wrong absmax. A flat row is the same blocks on every device.
+    flat = _float_input(weight).reshape(-1)
+    packed, state = functional.quantize_4bit(flat, blocksize=block_size, quant_type="nf4")
+    return functional.dequantize_4bit(packed, state).reshape(weight.shape).to(weight.dtype)
+
+
+def int8(weight: Tensor) -> Tensor:
+    """LLM.int8's vector-wise weight quantization through bitsandbytes, dequantized back to the weight's dtype.
+
+    ``int8_vectorwise_quant`` (threshold 0: no outlier columns held back) rounds ``w·127/absmax`` per row
+    (absmax in float32) to int8; ``int8_vectorwise_dequant`` multiplies back by ``absmax/127``. All-zero rows stay
+    zero. On the CPU float32/float16/bfloat16 weights go in as they are; bitsandbytes' GPU kernel takes float16
+    only, so on a GPU the weights are first rounded to float16, as ``Linear8bitLt`` stores them.
+    """
+    functional = _functional("int8")
+    rows = _float_input(weight).reshape(-1, weight.shape[-1])
+    if rows.device.type != "cpu":
+        rows = rows.half()
+    quantized, row_absmax, _ = functional.int8_vectorwise_quant(rows)
+    return functional.int8_vectorwise_dequant(quantized, row_absmax).reshape(weight.shape).to(weight.dtype)
