@@ -7,13 +7,15 @@ The peers (TransformerLens, nnsight, nnterp) are optional: a test that needs one
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from dipreg.adapter import ModelAdapter
 from dipreg.bench import peers as bench_peers
-from dipreg.bench import peers_tools, peers_worker
+from dipreg.bench import peers_tools
 from dipreg.bench.core import BenchContext
 from dipreg.bench.peers_tools import TOOLS, PeerInputs, peer_inputs
 from dipreg.bench.run import OPT_IN, PEERS_PAIRS, SECTIONS, run_bench, section_names
@@ -194,32 +196,52 @@ def test_bench_json_holds_each_ratio_as_the_ratio_of_the_numbers_it_reports(
     assert probe == pytest.approx(saved["peer_nnterp_logit_seconds"] + saved["peer_nnterp_causal_seconds"], rel=1e-12)
 
 
-def test_memory_worker_counts_the_run_not_what_came_before(
-    monkeypatch, tmp_path, llama_tiny, tiny_tokenizer, tiny_pairs
-):
-    """A build that touches 400 MB and frees it, then a run that holds 64 MB: the worker reports about 64."""
+HUNGRY_WORKER = """
+import json, sys
+import torch
+from dipreg.bench import peers_tools, peers_worker
 
-    class Hungry:
-        lenses = ("logit",)
 
-        def __init__(self, *_args) -> None:
-            torch.ones(100 * 2**20).sum()  # 400 MB, freed at once: a peak before the run
+class Hungry:
+    lenses = ("logit",)
 
-        def margins(self, lens: str) -> torch.Tensor:
-            block = torch.ones(16 * 2**20)  # 64 MB held during the run
-            return block[:1]
+    def __init__(self, *_args) -> None:
+        torch.ones(100 * 2**20).sum()  # 400 MB, freed at once: a peak before the run
 
-    class HungryTool:
-        def build(self, *args):
-            return Hungry(*args)
+    def margins(self, lens):
+        block = torch.ones(16 * 2**20)  # 64 MB held during the run
+        return block[:1]
 
+
+class HungryTool:
+    def build(self, *args):
+        return Hungry(*args)
+
+
+peers_tools.TOOLS["hungry"] = HungryTool()
+model_dir, pairs = sys.argv[1], sys.argv[2]
+print(json.dumps(peers_worker.measure(model_dir, pairs, "hungry", "logit", 4, "king king\\n?", "float32", "cpu")))
+"""
+
+
+def test_memory_worker_counts_the_run_not_what_came_before(tmp_path, llama_tiny, tiny_tokenizer, tiny_pairs):
+    """A build that touches 400 MB and frees it, then a run that holds 64 MB: the worker reports about 64.
+
+    Run in a fresh interpreter, as the bench runs every tool: in the test process, pages freed by earlier tests are
+    already resident and would absorb the 64 MB."""
     llama_tiny.save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     save_pairs(tiny_pairs, tmp_path / "pairs.jsonl")
-    monkeypatch.setitem(peers_tools.TOOLS, "hungry", HungryTool())
-    result = peers_worker.measure(
-        str(tmp_path), str(tmp_path / "pairs.jsonl"), "hungry", "logit", 4, "king king\n?", "float32", "cpu"
+    script = tmp_path / "hungry_worker.py"
+    script.write_text(HUNGRY_WORKER)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), str(tmp_path / "pairs.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert 56 <= result["added_mb"] <= 100, result
 
 
