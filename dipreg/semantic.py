@@ -178,13 +178,14 @@ def score_options(
     shape = (len(vignettes), 2, 2, depth)
     logprob, label, branch = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
     pad_id = pad_token_id(tokenizer)
-    device = adapter.device
+    device = adapter.device  # where residuals are stacked and the head runs
+    in_device = adapter.input_device  # token ids go to the embedding's device (under a device map not the head's)
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     with eval_mode(adapter.model):
         description = f"score options ({layers} layers)"
         for batch in track(batches, description=description, disable=not progress, transient=True):
             chunk = [rows[r] for r in batch]
-            input_ids, mask, _ = pad_right([r.ids for r in chunk], pad_id, device)
+            input_ids, mask, _ = pad_right([r.ids for r in chunk], pad_id, in_device)
             width = max(len(r.targets) for r in chunk)
             offsets = torch.arange(width)
             lengths = torch.tensor([len(r.targets) for r in chunk])
@@ -194,7 +195,7 @@ def score_options(
             targets = torch.tensor([r.targets + [r.targets[-1]] * (width - len(r.targets)) for r in chunk])
             branch_at = torch.tensor([r.branch for r in chunk])
             rivals = torch.tensor([r.rivals for r in chunk])
-            residuals = adapter.residuals(input_ids, mask, positions.to(device))  # (L, B, K, D)
+            residuals = adapter.residuals(input_ids, mask, positions.to(in_device))  # (L, B, K, D)
             if layers == "last":
                 residuals = residuals[-1:]
             index = (

@@ -275,6 +275,7 @@ def trajectories(
     window: tuple[float, float] = metrics.DEFAULT_WINDOW,
     prompt: PromptFormat | str = DEFAULT_PROMPT,
     progress: bool = False,
+    share_prefix: bool = True,
     **lens_options: Any,
 ) -> Trajectories:
     """Measure the DiD trajectory of every minimal pair.
@@ -289,7 +290,9 @@ def trajectories(
         prompt: how contexts are shown to the model: a :class:`~dipreg.prompting.PromptFormat` or a style
             name (``"auto"``: the chat template when the tokenizer has one, else raw text).
         progress: show a progress bar.
-        **lens_options: passed to the lens factory.
+        share_prefix: run the token prefix common to every context once into a key/value cache that every batch
+            continues (same margins up to rounding); ``False`` runs every context whole.
+        **lens_options: passed to the lens factory (an option the lens does not take is an error).
 
     Returns:
         :class:`Trajectories` with DiD, margins and item statistics.
@@ -310,5 +313,6 @@ def trajectories(
         prompt=prompt,
         progress=progress,
         lens_options=options,
+        share_prefix=share_prefix,
     )
     return next(iter(by_lens.values()))

@@ -180,6 +180,15 @@ def tiny_pairs() -> list[MinimalPair]:
 
 
 @pytest.fixture(scope="session")
+def fresh_interpreter(tmp_path_factory) -> dict[str, str | None]:
+    """The import-isolation report of ``tests/fresh_interpreter.py``, run once per session in a fresh interpreter:
+    ``{check: None}`` when a check held, else its traceback."""
+    from tests.fresh_interpreter import run
+
+    return run(tmp_path_factory.mktemp("fresh-interpreter"))
+
+
+@pytest.fixture(scope="session")
 def default_model():
     """The real embedded default model (SmolLM2-135M-Instruct) and tokenizer, loaded once per session."""
     from dipreg.models import load_model

@@ -1,11 +1,13 @@
 """A LoRA fine-tune of a tiny Llama with DipMonitor and CompressionRetention under a chosen strategy, recording
-what each rank's probe did. Run by ``tests/test_sharded_probe.py``: in-process for one process, as a script
-(``python tests/sharded_run.py STRATEGY OUT``) for two processes, because Lightning's ``ddp`` and
-``ModelParallelStrategy`` (FSDP2) launch the other rank by re-running the script.
+what each rank's probe did. Run by ``tests/test_sharded_probe.py``: in-process for one process, and for two as
+``python tests/sharded_run.py STRATEGY[,STRATEGY...] OUT`` started once per rank by :func:`launch` (``LOCAL_RANK``
+set, so Lightning launches no process of its own): each rank fits once per strategy, in order, in the one process
+group the first fit sets up, so the two strategies cost one interpreter start and one group per rank.
 
-Each rank writes ``OUT/rank<r>.json``: per probe, the ids of the pairs it measured and the batch rows of every
-backbone forward it ran (a forward pre-hook counts them); its monitor history; and the retention scalars of the
-final weights with its shard checksum before and after.
+Each rank writes ``OUT/<strategy>/rank<r>.json`` (``OUT/rank<r>.json`` for :func:`run` called directly): per
+probe, the ids of the pairs it measured and the batch rows of every backbone forward it ran (a forward pre-hook
+counts them); its monitor history; and the retention scalars of the final weights with its shard checksum before
+and after.
 """
 
 from __future__ import annotations
@@ -149,6 +151,29 @@ def run(out: Path, strategy: str, devices: int, *, lr: float = 0.5, max_steps: i
     trainer.fit(ShardableLoRAModule(lr), DataLoader(list(data), batch_size=4 // devices))
 
 
+def launch(strategies: list[str], out: Path, world_size: int = 2, timeout: float = 600) -> None:
+    """Start this script once per rank (the environment ``torchrun`` would give each) and wait for every rank."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:  # a free port for the process group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = []
+    for rank in range(world_size):
+        env = {
+            **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(world_size), "NODE_RANK": "0", "LOCAL_RANK": str(rank), "RANK": str(rank),
+        }  # fmt: skip
+        command = [sys.executable, __file__, ",".join(strategies), str(out)]
+        ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = [proc.communicate(timeout=timeout)[0] for proc in ranks]
+    for rank, (proc, log) in enumerate(zip(ranks, logs, strict=True)):
+        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{log[-4000:]}"
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run(Path(sys.argv[2]), sys.argv[1], 2)
+    for name in sys.argv[1].split(","):
+        run(Path(sys.argv[2]) / name, name, 2)

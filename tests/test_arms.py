@@ -35,7 +35,14 @@ from dipreg.losses import WrongMarginHinge
 from dipreg.recipes import RECIPES, load_recipe, recipe_path
 from tests.conftest import make_tiny_model
 
-ARMS = ("output_only", "late_only", "dip_reg_l0.2")
+#: The integration run: two arms (the McNemar reference and a hinge arm) x two seeds (mean ± sd, per-seed McNemar),
+#: two steps, four conditions (clean, a quantizer, an SVD, the deprivation behind fragility) on 12 pairs: the whole
+#: pipeline at a CI size.
+ARMS = ("output_only", "dip_reg_l0.2")
+QUICK_RUN = [
+    "arms", "--quick", "--arms", "output_only,dip_reg", "--seeds", "0,1", "--steps", "2", "--eval-limit", "12",
+    "--conditions", "clean,rtn:bits=3,mid_svd:rank=64,deprive:alpha=0",
+]  # fmt: skip
 
 
 def test_build_arms_expands_lambdas_and_rejects_unknown_names():
@@ -140,7 +147,7 @@ def _mean_sd_text(values):
 @pytest.mark.integration
 def test_quick_arms_run_reports_every_arm_from_arms_json_and_resumes(tmp_path, capsys):
     out = tmp_path / "arms"
-    assert main(["arms", "--quick", "--seeds", "0,1", "--out", str(out)]) == 0
+    assert main([*QUICK_RUN, "--out", str(out)]) == 0
     result = json.loads((out / "arms.json").read_text())
     tables = result["tables"]
     assert [row["arm"] for row in tables["table3"]] == ["untrained", *ARMS]
@@ -155,14 +162,14 @@ def test_quick_arms_run_reports_every_arm_from_arms_json_and_resumes(tmp_path, c
         assert "| " + " | ".join([row["arm"], *cells]) + " |" in report
     for row in tables["table4"]:
         assert set(row["arms"]) == set(ARMS)
-        for arm in ("late_only", "dip_reg_l0.2"):
+        for arm in ARMS[1:]:
             tests = row["mcnemar_vs_output_only"][arm]
             assert [t["seed"] for t in tests] == [0, 1]
             # Table 4b: one line per condition x arm, one cell per seed with that seed's discordant counts.
             [line] = [ln for ln in report.splitlines() if ln.startswith(f"| {row['condition']} | {arm} |")]
             cells = [c.strip() for c in line.strip("|").split("|")][2:]
             assert [c.split(" ")[1] for c in cells] == [f"({t['b']}:{t['c']})" for t in tests]
-    assert len(tables["forecast"]["runs"]) == 6
+    assert len(tables["forecast"]["runs"]) == 4
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "Table 4" in html
     for arm in ARMS:
@@ -176,13 +183,13 @@ def test_quick_arms_run_reports_every_arm_from_arms_json_and_resumes(tmp_path, c
     assert untrained["conditions"]["clean"]["accuracy"] == pytest.approx(tables["table3"][0]["accuracy"]["mean"])
 
     capsys.readouterr()
-    assert main(["arms", "--quick", "--seeds", "0,1", "--out", str(out)]) == 0  # resume: nothing to redo
+    assert main([*QUICK_RUN, "--out", str(out)]) == 0  # resume: nothing to redo
     again = json.loads((out / "arms.json").read_text())
     assert again["timings_this_invocation_s"] == {}
     assert again["tables"] == tables
-    assert main(["arms", "--quick", "--seeds", "0,1", "--steps", "3", "--out", str(out)]) == 2
+    assert main([*QUICK_RUN, "--steps", "3", "--out", str(out)]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "different settings" in err and "max_steps: 4 → 3" in err
+    assert "different settings" in err and "max_steps: 2 → 3" in err
 
 
 # -- resuming: markers, damaged markers, interrupted units (fast fakes for training and evaluation) ------------

@@ -241,24 +241,10 @@ def test_a_changed_train_settings_default_reaches_the_training(monkeypatch):
     assert (settings.steps, settings.vocab_top_k, settings.lr, settings.seed) == (7, 0, 0.5, TrainSettings().seed)
 
 
-def test_the_audit_path_and_help_never_import_lightning(tmp_path):
-    import subprocess
-    import sys
-
-    code = (
-        "import contextlib, io, sys\n"
-        "from dipreg.cli import main\n"
-        "with contextlib.redirect_stdout(io.StringIO()):\n"
-        "    for argv in (['--help'], ['audit', '--help']):\n"
-        "        try:\n"
-        "            main(argv)\n"
-        "        except SystemExit as exit_:\n"
-        "            assert exit_.code == 0, argv\n"
-        f"assert main(['audit', '--pairs', '/nonexistent.jsonl', '--out', {str(tmp_path / 'o')!r}]) == 2\n"
-        "assert 'lightning' not in sys.modules, 'lightning imported'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+def test_the_audit_path_and_help_never_import_lightning(fresh_interpreter):
+    """`dipreg --help`, `dipreg audit --help` (exit 0) and an audit of a missing pairs file (exit 2) in a fresh
+    interpreter import no Lightning (``tests/fresh_interpreter.py``)."""
+    assert fresh_interpreter["cli_help"] is None, fresh_interpreter["cli_help"]
 
 
 # --- every run function checks its options before it makes its output folder or loads a model ------------------

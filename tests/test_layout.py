@@ -8,27 +8,8 @@ that only closes through a lazy import, is a failure: it means two modules own e
 from __future__ import annotations
 
 import ast
-import importlib.util
-import pkgutil
-import subprocess
-import sys
-from pathlib import Path
 
-PACKAGES = ("dipreg", "dipreg.callbacks", "dipreg.eval", "dipreg.recipes")
-
-
-def _modules() -> dict[str, Path]:
-    """Every module of the distribution -> its source file."""
-    found: dict[str, Path] = {}
-    for package in PACKAGES:
-        spec = importlib.util.find_spec(package)
-        assert spec is not None and spec.origin is not None
-        found[package] = Path(spec.origin)
-        for info in pkgutil.walk_packages(spec.submodule_search_locations, prefix=f"{package}."):
-            sub = importlib.util.find_spec(info.name)
-            assert sub is not None and sub.origin is not None
-            found[info.name] = Path(sub.origin)
-    return found
+from tests.fresh_interpreter import distribution_modules
 
 
 def _is_type_checking(node: ast.If) -> bool:
@@ -72,7 +53,7 @@ def _imports(tree: ast.AST, name: str, is_package: bool, modules: set[str]) -> s
 
 def import_graph() -> dict[str, set[str]]:
     """Module -> the distribution's modules it imports."""
-    modules = _modules()
+    modules = distribution_modules()
     names = set(modules)
     return {
         name: _imports(ast.parse(path.read_text()), name, path.name == "__init__.py", names)
@@ -122,29 +103,9 @@ def test_import_graph_has_no_cycle():
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
-def test_every_module_imports_alone_in_a_fresh_interpreter():
-    code = (
-        "import importlib, sys\n"
-        "failed = []\n"
-        "for name in sys.argv[1:]:\n"
-        "    for key in [k for k in sys.modules if k == 'dipreg' or k.startswith('dipreg.')]:\n"
-        "        del sys.modules[key]\n"
-        "    try:\n"
-        "        importlib.import_module(name)\n"
-        "    except Exception as err:\n"
-        "        failed.append(f'{name}: {err!r}')\n"
-        "print('\\n'.join(failed))\n"
-        "sys.exit(1 if failed else 0)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code, *sorted(_modules())], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_every_module_imports_alone_in_a_fresh_interpreter(fresh_interpreter):
+    assert fresh_interpreter["each_module"] is None, fresh_interpreter["each_module"]
 
 
-def test_the_audit_path_never_imports_lightning():
-    code = (
-        "import sys, dipreg, dipreg.cli, dipreg.lenses, dipreg.eval, dipreg.eval.arms, dipreg.bench\n"
-        "from dipreg.bench import load_sections\n"
-        "load_sections(['lens', 'causal'])\n"
-        "assert 'lightning' not in sys.modules, 'lightning imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_the_audit_path_never_imports_lightning(fresh_interpreter):
+    assert fresh_interpreter["audit_path"] is None, fresh_interpreter["audit_path"]

@@ -203,6 +203,33 @@ def test_shared_prefix_runs_once_and_reads_the_same_margins(tiny_model, tiny_tok
         torch.testing.assert_close(shared[name].margin_b, plain[name].margin_b, atol=1e-5, rtol=0)
 
 
+def test_trajectories_passes_share_prefix_to_the_batching_not_to_the_lens(tiny_model, tiny_tokenizer, tiny_pairs):
+    """``trajectories(share_prefix=False)`` runs every context whole: no prefix cache is built (a planted
+    ``share_prefix`` that went to the lens options instead would build one, or fail in the lens)."""
+    import dipreg.trajectory as trajectory_module
+
+    pairs = [replace(p, ctx_a=PREAMBLE + p.ctx_a, ctx_b=PREAMBLE + p.ctx_b) for p in tiny_pairs]
+    built: list[int] = []
+    real = trajectory_module.PrefixCache
+
+    def counting(adapter, prefix_ids):
+        built.append(len(prefix_ids))
+        return real(adapter, prefix_ids)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trajectory_module, "PrefixCache", counting)
+        whole = dipreg.trajectories(tiny_model, tiny_tokenizer, pairs, batch_size=3, share_prefix=False)
+        assert built == []
+        shared = dipreg.trajectories(tiny_model, tiny_tokenizer, pairs, batch_size=3)
+        assert built == [6]
+    torch.testing.assert_close(whole.margin_a, shared.margin_a, atol=1e-5, rtol=0)
+
+
+def test_the_logit_lens_names_an_option_it_does_not_take(tiny_model, tiny_tokenizer, tiny_pairs):
+    with pytest.raises(ValueError, match="logit lens takes no options; got neutral_prompt"):
+        dipreg.trajectories(tiny_model, tiny_tokenizer, tiny_pairs, neutral_prompt="x")
+
+
 def test_shared_prefix_leaves_every_context_its_last_token():
     assert shared_prefix_length([[5, 6, 7], [5, 6, 7]]) == 2
     assert shared_prefix_length([[5, 6, 7], [5, 6]]) == 1

@@ -8,17 +8,12 @@ sharded strategy these tests can run; see README "Sharded training".
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import sharded_run
 
 from dipreg.callbacks import DipProbe
-
-SCRIPT = Path(__file__).with_name("sharded_run.py")
 
 
 def _ranks(out: Path, count: int) -> list[dict]:
@@ -54,11 +49,20 @@ def test_one_process_reference_trains_visibly(one_process):
     assert max(abs(first[k] - last[k]) for k in first if k.endswith("max_wrong_dip")) > 1e-3
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_two_ranks_run_equal_forwards_on_their_own_shards_and_match_one_process(strategy, one_process, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(SCRIPT), strategy, str(tmp_path)], check=True, timeout=600, env=env)
-    ranks = _ranks(tmp_path, 2)
+STRATEGIES = ("ddp", "fsdp2")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """Both strategies in one two-process run (each rank fits DDP, then FSDP2): ``<out>/<strategy>/rank<r>.json``."""
+    out = tmp_path_factory.mktemp("two")
+    sharded_run.launch(list(STRATEGIES), out)
+    return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_two_ranks_run_equal_forwards_on_their_own_shards_and_match_one_process(strategy, one_process, two_ranks):
+    ranks = _ranks(two_ranks / strategy, 2)
     # 7 pairs on 2 ranks: 4 and 3 of their own, rank 1 padded to 4; each probe (steps 0, 1, 2, ...) alike.
     probes = len(ranks[0]["probes"])
     assert probes >= 3 and probes == len(one_process["history"])

@@ -24,9 +24,18 @@ from dipreg.lenses.tuned import TunedLens, load_tuned_lens
 __all__ = ["LENSES", "CausalLens", "Lens", "LensFactory", "LogitLens", "TunedLens", "resolve_lens"]
 
 LensFactory = Callable[..., Lens]
+
+
+def _logit_lens(adapter: ModelAdapter, tokenizer: Any, **options: Any) -> Lens:
+    """The logit lens; it has no options, so any option given is a mistake worth naming (not silently dropped)."""
+    if options:
+        raise ValueError(f"The logit lens takes no options; got {', '.join(sorted(options))}.")
+    return LogitLens()
+
+
 #: name -> factory ``(adapter, tokenizer, **options) -> Lens``
 LENSES: dict[str, LensFactory] = {
-    "logit": lambda adapter, tokenizer, **options: LogitLens(),
+    "logit": _logit_lens,
     "causal": lambda adapter, tokenizer, **options: CausalLens(adapter, tokenizer, **options),
     "tuned": lambda adapter, tokenizer, **options: load_tuned_lens(adapter, **options),
 }

@@ -110,8 +110,9 @@ def sample_out_of_domain_texts(
     torch.manual_seed(seed)
     per_prompt = -(-num_texts // len(GENERIC_PROMPTS))
     texts: list[str] = []
+    device = ModelAdapter(model).input_device  # not model.device: under a device map that may be any block's
     for prompt in GENERIC_PROMPTS:
-        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=model.device)
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -176,10 +177,11 @@ def collect_hidden_states(
     if limit:
         encoded = [ids[-limit:] for ids in encoded]
     pad_id = pad_token_id(tokenizer)
-    offsets = torch.arange(positions_per_sequence, device=adapter.device)
+    device = adapter.input_device  # token ids go to the embedding's device (under a device map not the head's)
+    offsets = torch.arange(positions_per_sequence, device=device)
     chunks = []
     for start in range(0, len(encoded), batch_size):
-        input_ids, mask, last = pad_right(encoded[start : start + batch_size], pad_id, adapter.device)
+        input_ids, mask, last = pad_right(encoded[start : start + batch_size], pad_id, device)
         positions = last[:, None] - offsets  # (B, K), may run below 0 for short texts
         residuals = adapter.residuals(input_ids, mask, positions.clamp(min=0))  # (L, B, K, D)
         chunks.append(residuals[:, positions >= 0])
