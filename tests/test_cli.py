@@ -10,19 +10,26 @@ from dipreg.cli import main
 
 @pytest.mark.integration
 def test_audit_end_to_end_writes_json_and_figure(tmp_path, default_model):
+    """The audit of a pairs file (every 7th core pair: 40 pairs of all three families) on the real model, at its
+    default prompt style; the summary is recomputed from the items."""
+    from dipreg.stimuli import load_pairs, save_pairs
+
+    subset = load_pairs("core")[::7]
+    save_pairs(subset, tmp_path / "pairs.jsonl")
+    n = len(subset)
     out = tmp_path / "audit"
-    assert main(["audit", "--pairs", "core", "--out", str(out)]) == 0
+    assert main(["audit", "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(out)]) == 0
     payload = json.loads((out / "audit.json").read_text())
-    assert payload["num_pairs"] == 278 and payload["num_layers"] == 30
+    assert payload["num_pairs"] == n == 40 and payload["num_layers"] == 30
     assert payload["prompt"] == "fewshot" and payload["prompt_shots"] == 3  # the audit's default style
     items = payload["items"]
-    assert len(items) == 278
+    assert [it["id"] for it in items] == [p.id for p in subset]
     assert all(len(it["did"]) == 30 and len(it["margin_a"]) == 30 for it in items)
     assert {it["family"] for it in items} == {"value_flip", "negation", "permission"}
     summary = payload["summary"]
-    assert summary["all"]["accuracy"] == pytest.approx(sum(it["correct"] for it in items) / 278)
-    assert summary["all"]["mean_max_wrong_dip"] == pytest.approx(sum(it["max_wrong_dip"] for it in items) / 278)
-    assert summary["families"]["negation"]["n"] == 48
+    assert summary["all"]["accuracy"] == pytest.approx(sum(it["correct"] for it in items) / n)
+    assert summary["all"]["mean_max_wrong_dip"] == pytest.approx(sum(it["max_wrong_dip"] for it in items) / n)
+    assert summary["families"]["negation"]["n"] == sum(p.family == "negation" for p in subset)
     assert summary["safety"]["n"] == sum(it["safety"] for it in items) > 0
     assert (out / "trajectories.png").stat().st_size > 10_000
 
