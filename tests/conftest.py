@@ -4,6 +4,10 @@ tokenizer for them, hand-made minimal pairs, and (session-scoped) the real embed
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -179,13 +183,78 @@ def tiny_pairs() -> list[MinimalPair]:
     ]
 
 
+#: Child processes started as soon as the selected tests are known (``pytest_collection_finish``), keyed by the
+#: fixture that reads them (the fixtures live here: a test module's ``tests.conftest`` is another module object).
+#: The fast tier runs torch on one thread, so the children take the other core instead of waiting for their test;
+#: a fixture whose child was not started early (its tests were not selected) starts it itself.
+BACKGROUND: dict[str, Any] = {}
+
+
+#: The temporary folders the children write to, removed at the end of the session.
+BACKGROUND_DIRS: list[Path] = []
+
+
+def _start_fresh_interpreter() -> Any:
+    from tests import fresh_interpreter
+
+    BACKGROUND_DIRS.append(Path(tempfile.mkdtemp(prefix="dipreg-fresh-")))
+    return fresh_interpreter.start(BACKGROUND_DIRS[-1])
+
+
+def _start_two_ranks() -> tuple[Path, Any]:
+    from tests import sharded_run
+
+    BACKGROUND_DIRS.append(Path(tempfile.mkdtemp(prefix="dipreg-two-ranks-")))
+    return BACKGROUND_DIRS[-1], sharded_run.start(list(sharded_run.STRATEGIES), BACKGROUND_DIRS[-1])
+
+
+BACKGROUND_STARTERS = {"fresh_interpreter": _start_fresh_interpreter, "two_ranks": _start_two_ranks}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the child process of every background fixture that a selected test uses."""
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    for name, start in BACKGROUND_STARTERS.items():
+        if name in wanted and name not in BACKGROUND:
+            BACKGROUND[name] = start()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Stop any background child still running (a session cut short) and remove the children's folders."""
+    for handle in BACKGROUND.values():
+        for proc in handle[1] if isinstance(handle, tuple) else [handle]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for folder in BACKGROUND_DIRS:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def background(name: str) -> Any:
+    """The child process of background fixture ``name``: the one started at collection, else one started now."""
+    if name not in BACKGROUND:
+        BACKGROUND[name] = BACKGROUND_STARTERS[name]()
+    return BACKGROUND[name]
+
+
 @pytest.fixture(scope="session")
-def fresh_interpreter(tmp_path_factory) -> dict[str, str | None]:
+def fresh_interpreter() -> dict[str, str | None]:
     """The import-isolation report of ``tests/fresh_interpreter.py``, run once per session in a fresh interpreter:
     ``{check: None}`` when a check held, else its traceback."""
-    from tests.fresh_interpreter import run
+    from tests.fresh_interpreter import finish
 
-    return run(tmp_path_factory.mktemp("fresh-interpreter"))
+    return finish(background("fresh_interpreter"))
+
+
+@pytest.fixture(scope="session")
+def two_ranks() -> Path:
+    """``tests/test_sharded_probe.py``'s two-process run of ``tests/sharded_run.py`` (each rank fits DDP, then
+    FSDP2): the folder holding ``<strategy>/rank<r>.json``."""
+    from tests import sharded_run
+
+    out, ranks = background("two_ranks")
+    sharded_run.finish(ranks)
+    return out
 
 
 @pytest.fixture(scope="session")

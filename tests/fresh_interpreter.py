@@ -97,16 +97,17 @@ def _each_module(names: list[str]) -> None:
     assert not failed, "\n".join(failed)
 
 
-def run(out_dir: Path) -> dict[str, str | None]:
-    """Run this file in a fresh interpreter (from the test process) and return its report."""
-    done = subprocess.run(
-        [sys.executable, __file__, str(out_dir), *sorted(distribution_modules())],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0 and done.stdout.strip(), done.stdout + done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def start(out_dir: Path) -> subprocess.Popen:
+    """Start this file in a fresh interpreter (from the test process); :func:`finish` reads its report."""
+    command = [sys.executable, __file__, str(out_dir), *sorted(distribution_modules())]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> dict[str, str | None]:
+    """Wait for the child started by :func:`start` and return its report."""
+    stdout, stderr = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0 and stdout.strip(), stdout + stderr
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str]) -> None:

@@ -1,6 +1,6 @@
 """A LoRA fine-tune of a tiny Llama with DipMonitor and CompressionRetention under a chosen strategy, recording
 what each rank's probe did. Run by ``tests/test_sharded_probe.py``: in-process for one process, and for two as
-``python tests/sharded_run.py STRATEGY[,STRATEGY...] OUT`` started once per rank by :func:`launch` (``LOCAL_RANK``
+``python tests/sharded_run.py STRATEGY[,STRATEGY...] OUT`` started once per rank by :func:`start` (``LOCAL_RANK``
 set, so Lightning launches no process of its own): each rank fits once per strategy, in order, in the one process
 group the first fit sets up, so the two strategies cost one interpreter start and one group per rank.
 
@@ -13,6 +13,9 @@ and after.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,6 +58,8 @@ PAIRS = [
 ]  # fmt: skip
 
 RETENTION_OPS = "late_svd:rank=4,rtn:bits=3"
+#: The strategies the two-process test runs, in this order, in one launch.
+STRATEGIES = ("ddp", "fsdp2")
 
 
 class ShardableLoRAModule(pl.LightningModule):
@@ -151,12 +156,8 @@ def run(out: Path, strategy: str, devices: int, *, lr: float = 0.5, max_steps: i
     trainer.fit(ShardableLoRAModule(lr), DataLoader(list(data), batch_size=4 // devices))
 
 
-def launch(strategies: list[str], out: Path, world_size: int = 2, timeout: float = 600) -> None:
-    """Start this script once per rank (the environment ``torchrun`` would give each) and wait for every rank."""
-    import os
-    import socket
-    import subprocess
-
+def start(strategies: list[str], out: Path, world_size: int = 2) -> list[subprocess.Popen]:
+    """Start this script once per rank (the environment ``torchrun`` would give each); :func:`finish` waits."""
     with socket.socket() as sock:  # a free port for the process group's rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -168,6 +169,12 @@ def launch(strategies: list[str], out: Path, world_size: int = 2, timeout: float
         }  # fmt: skip
         command = [sys.executable, __file__, ",".join(strategies), str(out)]
         ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return ranks
+
+
+def finish(ranks: list[subprocess.Popen], timeout: float = 300) -> None:
+    """Wait for every rank started by :func:`start`; a rank that failed fails with its log's tail. A rank that
+    hangs (ranks running different collectives, the FSDP hazard the test guards against) fails at ``timeout``."""
     logs = [proc.communicate(timeout=timeout)[0] for proc in ranks]
     for rank, (proc, log) in enumerate(zip(ranks, logs, strict=True)):
         assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{log[-4000:]}"

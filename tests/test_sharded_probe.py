@@ -49,18 +49,7 @@ def test_one_process_reference_trains_visibly(one_process):
     assert max(abs(first[k] - last[k]) for k in first if k.endswith("max_wrong_dip")) > 1e-3
 
 
-STRATEGIES = ("ddp", "fsdp2")
-
-
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> Path:
-    """Both strategies in one two-process run (each rank fits DDP, then FSDP2): ``<out>/<strategy>/rank<r>.json``."""
-    out = tmp_path_factory.mktemp("two")
-    sharded_run.launch(list(STRATEGIES), out)
-    return out
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", sharded_run.STRATEGIES)
 def test_two_ranks_run_equal_forwards_on_their_own_shards_and_match_one_process(strategy, one_process, two_ranks):
     ranks = _ranks(two_ranks / strategy, 2)
     # 7 pairs on 2 ranks: 4 and 3 of their own, rank 1 padded to 4; each probe (steps 0, 1, 2, ...) alike.
