@@ -10,7 +10,7 @@ import pytest
 from dipreg.causal_hinge import CausalMarginHinge
 from dipreg.eval.arms.plan import ARM_RECIPES, DEFAULT_ARMS, ArmSpec, build_arms
 from dipreg.eval.arms.report import build_tables
-from dipreg.eval.arms.stats import arm_table, causal_table, lens_shaped_repair
+from dipreg.eval.arms.stats import arm_table, causal_table, lens_shaped_reasons, lens_shaped_repair
 from dipreg.recipes import RECIPES, load_recipe
 from dipreg.tuned_hinge import TunedMarginHinge
 
@@ -92,6 +92,8 @@ def _runs():
         run("dip_reg_l0.2", "dip_reg", 0.2, 1, _eval(0.10, 0.50, 0.10), 2.2),
         # the causal dip falls by half and agreement holds: not flagged
         run("dip_reg_causal_l0.2", "dip_reg_causal", 0.2, 0, _eval(0.50, 0.20, 0.60), 3.0),
+        # logit dip 0.2 (-71 %), agreement holds (0.62), causal dip 0.45 > output_only's 0.40: flagged
+        run("dip_reg_tuned_l0.2", "dip_reg_tuned", 0.2, 0, _eval(0.20, 0.45, 0.62), 2.0),
     ]
 
 
@@ -104,19 +106,40 @@ def test_table5_changes_agreement_and_the_lens_shaped_flag_by_hand():
     assert rows["untrained"]["change_vs_output_only"] == pytest.approx((0.25 - 0.40) / 0.40)
     assert rows["output_only"]["agreement_spearman"]["mean"] == pytest.approx(0.60)
     flags = {arm: row["lens_shaped_repair"] for arm, row in rows.items()}
-    assert flags == {"untrained": False, "output_only": False, "dip_reg_l0.2": True, "dip_reg_causal_l0.2": False}
+    assert flags == {
+        "untrained": False,
+        "output_only": False,
+        "dip_reg_l0.2": True,
+        "dip_reg_causal_l0.2": False,
+        "dip_reg_tuned_l0.2": True,
+    }
+    reasons = {arm: row["lens_shaped_reasons"] for arm, row in rows.items() if row["lens_shaped_repair"]}
+    # dip_reg: ρ 0.1 vs 0.6 and causal dip 0.50 vs 0.40; dip_reg_tuned: only its causal dip stayed up
+    assert reasons == {
+        "dip_reg_l0.2": ["agreement fell", "causal dip did not fall"],
+        "dip_reg_tuned_l0.2": ["causal dip did not fall"],
+    }
     assert {r["reference"] for r in rows.values()} == {"output_only"}
     steps = {r["arm"]: r.get("step_overhead") for r in arm_table(_runs(), _eval(0.5, 0.25, 0.65))}
     assert steps["dip_reg_l0.2"] == pytest.approx(2.2 / 2.0 - 1) and steps["dip_reg_causal_l0.2"] == pytest.approx(0.5)
 
 
 def test_lens_shaped_rule_edges():
-    ref = {"dip": 0.8, "agreement_spearman": 0.6}
-    assert lens_shaped_repair({"dip": 0.59, "agreement_spearman": 0.39}, ref)  # just past -25 % and -0.20
-    assert not lens_shaped_repair({"dip": 0.61, "agreement_spearman": 0.0}, ref)  # dip fell by < 25 %
-    assert not lens_shaped_repair({"dip": 0.1, "agreement_spearman": 0.41}, ref)  # agreement held
-    assert not lens_shaped_repair({"dip": 0.1, "agreement_spearman": 0.0}, ref, is_hinge=False)
-    assert not lens_shaped_repair({"dip": 0.1, "agreement_spearman": math.nan}, ref)
+    ref = {"dip": 0.8, "agreement_spearman": 0.6, "causal_dip": 0.4}
+    assert lens_shaped_reasons({"dip": 0.59, "agreement_spearman": 0.39, "causal_dip": 0.1}, ref) == [
+        "agreement fell"  # just past -25 % and -0.20
+    ]
+    assert lens_shaped_reasons({"dip": 0.59, "agreement_spearman": 0.6, "causal_dip": 0.4}, ref) == [
+        "causal dip did not fall"  # equal counts as not fallen
+    ]
+    assert not lens_shaped_repair({"dip": 0.59, "agreement_spearman": 0.6, "causal_dip": 0.399}, ref)
+    assert not lens_shaped_repair({"dip": 0.61, "agreement_spearman": 0.0, "causal_dip": 0.9}, ref)  # dip fell < 25 %
+    assert not lens_shaped_repair({"dip": 0.1, "agreement_spearman": 0.41, "causal_dip": 0.1}, ref)  # both held
+    assert not lens_shaped_repair({"dip": 0.1, "agreement_spearman": 0.0, "causal_dip": 0.9}, ref, is_hinge=False)
+    assert not lens_shaped_repair({"dip": 0.1, "agreement_spearman": math.nan, "causal_dip": math.nan}, ref)
+    assert lens_shaped_reasons({"dip": 0.1, "agreement_spearman": math.nan, "causal_dip": 0.5}, ref) == [
+        "causal dip did not fall"  # a missing agreement leaves the other criterion
+    ]
 
 
 def test_report_renders_the_new_columns():
@@ -146,7 +169,9 @@ def test_report_renders_the_new_columns():
     t3, _, _, t5, _ = build_tables(result)
     assert t3.columns[-1] == "step overhead" and t3.rows[2][-1] == "+10%"
     by_arm = {row[0]: row for row in t5.rows}
-    assert by_arm["dip_reg_l0.2"][-1] == "lens-shaped repair" and by_arm["dip_reg_causal_l0.2"][-1] == ""
+    assert by_arm["dip_reg_l0.2"][-1] == "lens-shaped repair (agreement fell, causal dip did not fall)"
+    assert by_arm["dip_reg_tuned_l0.2"][-1] == "lens-shaped repair (causal dip did not fall)"
+    assert by_arm["dip_reg_causal_l0.2"][-1] == ""
     assert by_arm["dip_reg_causal_l0.2"][4] == "-50%" and by_arm["output_only"][6] == "0.600 ± 0.141"
 
 

@@ -135,7 +135,9 @@ def build_tables(result: dict[str, Any]) -> list[ReportTable]:
                 _ms(r["logit_dip"]) if "logit_dip" in r else "—",
                 _ms(r["agreement_spearman"]) if "agreement_spearman" in r else "—",
                 _ms(r["agreement_sign"]) if "agreement_sign" in r else "—",
-                "lens-shaped repair" if r.get("lens_shaped_repair") else "",
+                f"lens-shaped repair ({', '.join(r.get('lens_shaped_reasons') or [])})"
+                if r.get("lens_shaped_repair")
+                else "",
             ]
             for r in t5_rows
         ],
@@ -143,7 +145,8 @@ def build_tables(result: dict[str, Any]) -> list[ReportTable]:
         "and the share of same-sign layers between the logit-lens and the causal-lens DiD over the dip window, "
         "averaged over items (mean ± sd over seeds). Flag 'lens-shaped repair': a hinge arm whose logit dip is "
         f"≥ {LENS_SHAPED_DIP_DROP:.0%} below {reference}'s while its agreement ρ is ≥ {LENS_SHAPED_AGREEMENT_DROP:.2f} "
-        f"below {reference}'s.",
+        f"below {reference}'s (agreement fell) or its causal dip is not below {reference}'s (causal dip did not "
+        "fall).",
     )
     fc = tables["forecast"]
     rho_logit = _num(fc["spearman_logit_dip_vs_retention"]["rho"], ".2f")

@@ -23,6 +23,7 @@ __all__ = [
     "arm_table",
     "causal_table",
     "forecast",
+    "lens_shaped_reasons",
     "lens_shaped_repair",
     "mean_sd",
     "per_seed_mcnemar",
@@ -103,15 +104,33 @@ def arm_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> list
 
 def lens_shaped_repair(arm: dict[str, float], reference: dict[str, float], *, is_hinge: bool = True) -> bool:
     """The "lens-shaped repair" flag: a hinge arm whose mean logit dip is at least :data:`LENS_SHAPED_DIP_DROP`
-    (relative) below the reference's while its mean per-item Spearman agreement between the logit and the causal
-    lens is at least :data:`LENS_SHAPED_AGREEMENT_DROP` (absolute) below the reference's. ``arm`` and
-    ``reference`` hold ``dip`` (logit) and ``agreement_spearman`` means; a missing value never flags."""
-    values = [arm.get("dip"), arm.get("agreement_spearman"), reference.get("dip"), reference.get("agreement_spearman")]
-    if not is_hinge or any(v is None or math.isnan(v) for v in values):
-        return False
-    dip_falls = arm["dip"] <= (1 - LENS_SHAPED_DIP_DROP) * reference["dip"]
-    collapses = arm["agreement_spearman"] <= reference["agreement_spearman"] - LENS_SHAPED_AGREEMENT_DROP
-    return bool(dip_falls and collapses)
+    (relative) below the reference's while the causal lens does not follow: either its mean per-item Spearman
+    agreement between the logit and the causal lens is at least :data:`LENS_SHAPED_AGREEMENT_DROP` (absolute) below
+    the reference's (the two lenses stopped telling the same story), or its mean causal dip is not below the
+    reference's (the dip the logit lens no longer sees is still there in the computation). ``arm`` and
+    ``reference`` hold ``dip`` (logit), ``causal_dip`` and ``agreement_spearman`` means; a missing value never
+    triggers its criterion."""
+    return bool(lens_shaped_reasons(arm, reference, is_hinge=is_hinge))
+
+
+def lens_shaped_reasons(arm: dict[str, float], reference: dict[str, float], *, is_hinge: bool = True) -> list[str]:
+    """Why :func:`lens_shaped_repair` flags ``arm``: ``"agreement fell"`` and/or ``"causal dip did not fall"``
+    (empty: not flagged)."""
+
+    def known(*keys: str) -> bool:
+        values = [d.get(k) for d in (arm, reference) for k in keys]
+        return all(v is not None and not math.isnan(v) for v in values)
+
+    if not is_hinge or not known("dip") or arm["dip"] > (1 - LENS_SHAPED_DIP_DROP) * reference["dip"]:
+        return []
+    reasons = []
+    if known("agreement_spearman") and (
+        arm["agreement_spearman"] <= reference["agreement_spearman"] - LENS_SHAPED_AGREEMENT_DROP
+    ):
+        reasons.append("agreement fell")
+    if known("causal_dip") and arm["causal_dip"] >= reference["causal_dip"]:
+        reasons.append("causal dip did not fall")
+    return reasons
 
 
 def causal_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> list[dict[str, Any]]:
@@ -145,6 +164,7 @@ def causal_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> l
             "agreement_spearman": mean_sd([base_row["agreement_spearman"]]),
             "agreement_sign": mean_sd([base_row["agreement_sign"]]),
             "lens_shaped_repair": False,
+            "lens_shaped_reasons": [],
             "reference": reference_name,
         }
     ]
@@ -162,6 +182,9 @@ def causal_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> l
                 "agreement_spearman": mean_sd([p["agreement_spearman"] for p in per_seed]),
                 "agreement_sign": mean_sd([p["agreement_sign"] for p in per_seed]),
                 "lens_shaped_repair": lens_shaped_repair(means(per_seed), reference, is_hinge=_is_hinge_arm(arm_runs)),
+                "lens_shaped_reasons": lens_shaped_reasons(
+                    means(per_seed), reference, is_hinge=_is_hinge_arm(arm_runs)
+                ),
                 "reference": reference_name,
             }
         )
