@@ -127,6 +127,23 @@ def make_tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def quiet_training_args(output_dir: Path, max_steps: int, batch_size: int = 2) -> Any:
+    """HF ``TrainingArguments`` for a short CPU run that logs nothing but what a callback under test writes:
+    learning rate 0 (the weights stay as given), no reporting, no checkpoints, no progress bar."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=0.0,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def tiny_model(request):
     """One tiny model per supported architecture."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, quiet_training_args
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from peft import LoraConfig, get_peft_model
@@ -268,22 +268,13 @@ def test_tensorboard_gets_a_custom_scalars_layout_and_no_tags_for_empty_subsets(
 
 
 def test_hf_trainer_twin_writes_the_same_layout_and_no_empty_subsets(tmp_path, tiny_tokenizer, tiny_pairs):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from dipreg.callbacks.hf import DipMonitorCallback
 
     pairs = [p for p in tiny_pairs if not p.safety]
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 40, (4, 12)).tolist()]
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=1,
-        per_device_train_batch_size=2,
-        learning_rate=0.0,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = quiet_training_args(tmp_path / "out", 1)
     monitor = DipMonitorCallback(pairs, tokenizer=tiny_tokenizer, every_n_steps=1, lenses=("logit", "causal"))
     Trainer(model=make_tiny_model("llama"), args=args, train_dataset=data, callbacks=[monitor]).train()
     events = read_events(tmp_path / "out" / "runs")

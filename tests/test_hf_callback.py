@@ -10,11 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from dipreg import artifacts
 from dipreg.callbacks.hf import DipMonitorCallback
 from dipreg.stimuli import load_pairs
+from tests.conftest import quiet_training_args
 
 
 def _end_of_training(monitor: DipMonitorCallback, output_dir: Path) -> Path:
@@ -53,16 +54,7 @@ def test_hf_trainer_run_logs_dips_to_tensorboard(tmp_path, default_model):
     texts = ["The cat sat on the mat.", "Paris is the capital of France.", "Ice is cold and fire is hot."] * 2
     data = [{"input_ids": ids, "labels": ids} for ids in (tokenizer(t).input_ids for t in texts)]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=1,
-        learning_rate=0.0,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = quiet_training_args(tmp_path / "out", 2, batch_size=1)
     monitor = DipMonitorCallback(probe, tokenizer=tokenizer, every_n_steps=1, lenses=("logit",))
     Trainer(model=model, args=args, train_dataset=data, callbacks=[monitor]).train()
     events = EventAccumulator(str(tmp_path / "out" / "runs"), size_guidance={"images": 0, "scalars": 0})

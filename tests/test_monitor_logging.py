@@ -16,11 +16,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from peft import LoraConfig, get_peft_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from dipreg.callbacks import DipMonitor
 from dipreg.callbacks.hf import DipMonitorCallback
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, quiet_training_args
 
 
 def read_events(log_dir: Path) -> EventAccumulator:
@@ -37,16 +37,7 @@ def hf_run(tmp_path: Path, pairs, tokenizer, max_steps: int, **options) -> tuple
     """A tiny HF Trainer run (lr 0, batch 2) with the monitor probing every step; returns it and the output dir."""
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 40, (2 * max_steps, 12)).tolist()]
     out = tmp_path / "out"
-    args = TrainingArguments(
-        output_dir=str(out),
-        max_steps=max_steps,
-        per_device_train_batch_size=2,
-        learning_rate=0.0,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
+    args = quiet_training_args(out, max_steps)
     monitor = DipMonitorCallback(pairs, tokenizer=tokenizer, every_n_steps=1, lenses=("logit", "causal"), **options)
     Trainer(model=make_tiny_model("llama"), args=args, train_dataset=data, callbacks=[monitor]).train()
     return monitor, out

@@ -232,7 +232,7 @@ def tool_ratios(key: Key, m: Measured, ref: Measured, own: Tensor, ref_dips: Ten
     ]
 
 
-def floor_ratios(seconds: float, measured: dict[Key, Measured], inputs: PeerInputs) -> Ratio:
+def floor_ratio(seconds: float, measured: dict[Key, Measured], inputs: PeerInputs) -> Ratio:
     """``peer_backbone_forward_s``: the decoder stack alone on the peers' batches, with every logit lens's
     time as a multiple of it in the detail (a lens that runs every token costs at least one such forward)."""
     multiples = ", ".join(
@@ -347,7 +347,7 @@ def peers_section(ctx: BenchContext, num_pairs: int | None = None) -> list[Ratio
         m = measured[key]
         m.added_mb, m.setup_mb, m.first_run_mb = memory["added_mb"], memory["setup_mb"], memory["first_run_mb"]
     own = own_output_margins(ctx.adapter, inputs)
-    ratios: list[Ratio] = [floor_ratios(floor.seconds, measured, inputs)]
+    ratios: list[Ratio] = [floor_ratio(floor.seconds, measured, inputs)]
     for (tool, lens), m in measured.items():
         ref = measured[("dipreg", lens)]
         ratios += tool_ratios((tool, lens), m, ref, own, _dips(ref.margins), inputs)

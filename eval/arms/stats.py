@@ -171,6 +171,7 @@ def causal_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> l
     for arm, arm_runs in by_arm.items():
         per_seed = [_row(r["eval"]) for r in arm_runs]
         dip = mean_sd([p["causal_dip"] for p in per_seed])
+        reasons = lens_shaped_reasons(means(per_seed), reference, is_hinge=_is_hinge_arm(arm_runs))
         rows.append(
             {
                 "arm": arm,
@@ -181,10 +182,8 @@ def causal_table(runs: Sequence[dict[str, Any]], untrained: dict[str, Any]) -> l
                 "change_vs_output_only": change(dip["mean"], vs_output_only),
                 "agreement_spearman": mean_sd([p["agreement_spearman"] for p in per_seed]),
                 "agreement_sign": mean_sd([p["agreement_sign"] for p in per_seed]),
-                "lens_shaped_repair": lens_shaped_repair(means(per_seed), reference, is_hinge=_is_hinge_arm(arm_runs)),
-                "lens_shaped_reasons": lens_shaped_reasons(
-                    means(per_seed), reference, is_hinge=_is_hinge_arm(arm_runs)
-                ),
+                "lens_shaped_repair": bool(reasons),
+                "lens_shaped_reasons": reasons,
                 "reference": reference_name,
             }
         )
