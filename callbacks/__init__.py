@@ -6,13 +6,15 @@ and :class:`TrainingHealth`, which stops a fit whose loss is non-finite or stuck
 
 from dipreg.callbacks.compression_retention import CompressionRetention
 from dipreg.callbacks.dip_monitor import DipMonitor
+from dipreg.callbacks.health import TrainingDivergedError, TrainingHealth
+from dipreg.callbacks.heldout import HeldOutEval
 from dipreg.callbacks.probe import DipProbe, MonitorSetupError
-from dipreg.health import TrainingDivergedError, TrainingHealth
 
 __all__ = [
     "CompressionRetention",
     "DipMonitor",
     "DipProbe",
+    "HeldOutEval",
     "MonitorSetupError",
     "TrainingDivergedError",
     "TrainingHealth",

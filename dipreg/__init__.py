@@ -30,9 +30,9 @@ __version__ = "0.1.0"
 
 #: Public names served lazily so that `import dipreg` does not import Lightning.
 _LAZY = {
-    "DipRegModule": "dipreg.module",
-    "PairDataModule": "dipreg.data",
-    "HeldOutEval": "dipreg.heldout",
+    "DipRegModule": "dipreg.training.module",
+    "PairDataModule": "dipreg.training.data",
+    "HeldOutEval": "dipreg.callbacks.heldout",
     "losses": "dipreg.losses",
 }
 

@@ -97,7 +97,7 @@ def memory_table(
     architecture: weights, gradients and AdamW moments in float32, 16 bytes per parameter). Activations of the
     forward itself (attention, MLP) are not counted: they depend on the kernels.
     """
-    from dipreg.module import LORA_TARGETS  # imports Lightning: only when a table is asked for
+    from dipreg.training.module import LORA_TARGETS  # imports Lightning: only when a table is asked for
 
     size = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
     model = meta_model(config)

@@ -1,7 +1,7 @@
 """YAML recipes of the training arms (installed as dipreg.recipes), and the one place recipes are looked up.
 
 `dipreg fit` and `dipreg arms` both resolve a recipe here (a packaged name or a YAML path) and then parse it
-with the same LightningCLI (:func:`dipreg.fit.build_cli`). This module imports neither Lightning nor torch.
+with the same LightningCLI (:func:`dipreg.training.fit.build_cli`). This module imports neither Lightning nor torch.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from dipreg import artifacts
+from dipreg.callbacks.heldout import HeldOutEval
 from dipreg.cli import main
 from dipreg.eval.arms import runner as arms_runner
 from dipreg.eval.arms import train as arms_train
@@ -30,7 +31,6 @@ from dipreg.eval.arms.plan import ArmSpec, ArmsSettings, build_arms
 from dipreg.eval.arms.runner import EVAL_DONE
 from dipreg.eval.arms.stats import mean_sd, per_seed_mcnemar
 from dipreg.eval.arms.train import RECIPE_FILE, TRAIN_DONE, ArmRun, build_arm_run
-from dipreg.heldout import HeldOutEval
 from dipreg.losses import WrongMarginHinge
 from dipreg.recipes import RECIPES, load_recipe, recipe_path
 from tests.conftest import make_tiny_model

@@ -7,12 +7,11 @@ import math
 
 import pytest
 
-from dipreg.causal_hinge import CausalMarginHinge
 from dipreg.eval.arms.plan import ARM_RECIPES, DEFAULT_ARMS, ArmSpec, build_arms
 from dipreg.eval.arms.report import build_tables
 from dipreg.eval.arms.stats import arm_table, causal_table, lens_shaped_reasons, lens_shaped_repair
+from dipreg.losses import CausalMarginHinge, TunedMarginHinge
 from dipreg.recipes import RECIPES, load_recipe
-from dipreg.tuned_hinge import TunedMarginHinge
 
 
 def test_every_hinge_arm_gets_one_arm_per_lambda_with_its_weight():

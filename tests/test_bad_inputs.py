@@ -23,13 +23,13 @@ from dipreg import artifacts
 from dipreg.artifacts import write_json
 from dipreg.callbacks import DipMonitor, TrainingDivergedError, TrainingHealth
 from dipreg.cli import main
-from dipreg.data import PairDataModule
 from dipreg.eval import DegradeError, degrade
 from dipreg.eval.arms.plan import ArmsSettings
 from dipreg.eval.degradation.operators import RestoreError
 from dipreg.lenses.tuned import TunedLens, TunedLensFileError
-from dipreg.module import CheckpointMismatchError, DipRegModule
 from dipreg.stimuli import MinimalPair, StimulusError, load_pairs, save_pairs
+from dipreg.training.data import PairDataModule
+from dipreg.training.module import CheckpointMismatchError, DipRegModule
 from tests.conftest import make_tiny_model
 
 # -- the environment a row runs in -------------------------------------------------------------------------

@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dipreg.causal_hinge import CausalMarginHinge
 from dipreg.lenses.causal import CausalLens, naive_causal_margins
 from dipreg.lenses.tuned import TunedLens
-from dipreg.losses import BatchView, WrongMarginHinge
-from dipreg.module import DipRegModule
-from dipreg.tuned_hinge import TunedMarginHinge
+from dipreg.losses import BatchView, CausalMarginHinge, TunedMarginHinge, WrongMarginHinge
+from dipreg.training.module import DipRegModule
 from tests.conftest import make_tiny_model
 
 NEUTRAL = "king king . hello hello . ?"  # every word is a token of the tiny tokenizer

@@ -289,13 +289,13 @@ def test_python_api_checks_options_before_the_output_folder_and_the_model(name, 
     import dipreg.eval.ladder
     import dipreg.eval.readouts.bridge
     import dipreg.lenses.tuned_training
-    import dipreg.module
+    import dipreg.training.module
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded before the options were checked")
 
     modules = (dipreg.audit, dipreg.bench.run, dipreg.eval.arms.evaluate, dipreg.eval.degradation.report)
-    modules += (dipreg.eval.ladder, dipreg.eval.readouts.bridge, dipreg.lenses.tuned_training, dipreg.module)
+    modules += (dipreg.eval.ladder, dipreg.eval.readouts.bridge, dipreg.lenses.tuned_training, dipreg.training.module)
     for module in modules:
         monkeypatch.setattr(module, "load_model", no_model)
     call, fragment = _python_api_calls(tmp_path)[name]

@@ -145,7 +145,7 @@ def test_cli_offers_fewshot_to_pair_commands_but_not_to_vignette_readouts():
 
 
 def test_data_module_renders_training_pairs_few_shot(tiny_tokenizer):
-    from dipreg.data import PairDataModule
+    from dipreg.training.data import PairDataModule
 
     pairs = shared_start_pairs()
     dm = PairDataModule(train="comp_loose", val=[], prompt="fewshot", tokenizer=tiny_tokenizer)

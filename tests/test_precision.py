@@ -24,11 +24,11 @@ from conftest import ARCHITECTURES, make_tiny_model
 import dipreg
 from dipreg.adapter import ModelAdapter
 from dipreg.batching import context_batches
-from dipreg.data import PairDataModule
 from dipreg.losses import BatchView, WrongMarginHinge
-from dipreg.module import DipRegModule
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import candidate_token_ids, load_pairs, save_pairs
+from dipreg.training.data import PairDataModule
+from dipreg.training.module import DipRegModule
 
 LOW = (torch.bfloat16, torch.float16)
 LENS_ADDS_NOTHING = 1e-5

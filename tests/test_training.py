@@ -17,14 +17,14 @@ from peft import PeftModel
 
 import dipreg
 from dipreg.callbacks import TrainingDivergedError, TrainingHealth
+from dipreg.callbacks.heldout import HeldOutEval
 from dipreg.cli import main
-from dipreg.data import PairDataModule
-from dipreg.fit import run_fit, translate_args
-from dipreg.heldout import HeldOutEval
 from dipreg.losses import AuxLoss, BatchView, WrongMarginHinge
-from dipreg.module import DipRegModule
 from dipreg.recipes import RECIPES, recipe_path
 from dipreg.stimuli import save_pairs
+from dipreg.training.data import PairDataModule
+from dipreg.training.fit import run_fit, translate_args
+from dipreg.training.module import DipRegModule
 from tests.conftest import make_tiny_model
 
 # -- the hinge on hand-made tensors ------------------------------------------------------------------------
@@ -375,7 +375,7 @@ def test_import_dipreg_does_not_import_lightning(fresh_interpreter):
 def test_resuming_from_a_checkpoint_of_other_layers_is_an_error_naming_what_differs(
     tiny_tokenizer, pairs_file, tmp_path
 ):
-    from dipreg.module import CheckpointMismatchError
+    from dipreg.training.module import CheckpointMismatchError
 
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=1)
     data = PairDataModule(train=pairs_file, val=[pairs_file], batch_size=4)

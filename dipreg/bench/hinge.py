@@ -1,8 +1,8 @@
 """`dipreg bench` section `hinge`: training steps with each hinge against an output_only step, same batches.
 
 ``hinge_overhead`` (the logit-lens hinge, dip_reg), ``hinge_causal_overhead`` (the causal hinge,
-:class:`~dipreg.causal_hinge.CausalMarginHinge`, at its defaults) and ``hinge_tuned_overhead``
-(:class:`~dipreg.tuned_hinge.TunedMarginHinge` with an identity-initialised tuned lens: a trained one costs the
+:class:`~dipreg.losses.CausalMarginHinge`, at its defaults) and ``hinge_tuned_overhead``
+(:class:`~dipreg.losses.TunedMarginHinge` with an identity-initialised tuned lens: a trained one costs the
 same). Every arm wraps its own deep copy of the bench model (the bench's model is never changed) and runs the same
 training steps (forward, backward, AdamW step) over the same batches; the ratios are reported, never asserted.
 """
@@ -17,13 +17,11 @@ from collections.abc import Callable
 from dipreg.adapter import ModelAdapter
 from dipreg.batching import pad_token_id
 from dipreg.bench.core import BenchContext, Ratio
-from dipreg.causal_hinge import CausalMarginHinge
-from dipreg.data import collate, pair_examples
 from dipreg.lenses.tuned import TunedLens
-from dipreg.losses import WrongMarginHinge
-from dipreg.module import DipRegModule
+from dipreg.losses import CausalMarginHinge, TunedMarginHinge, WrongMarginHinge
 from dipreg.prompting import PromptFormat
-from dipreg.tuned_hinge import TunedMarginHinge
+from dipreg.training.data import collate, pair_examples
+from dipreg.training.module import DipRegModule
 
 __all__ = ["hinge_overhead_section"]
 

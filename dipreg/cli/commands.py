@@ -310,7 +310,7 @@ def _fit_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
 @command(
     "fit",
     "LoRA SFT with pluggable auxiliary losses (LightningCLI over the recipes)",
-    "dipreg.fit:run_fit",
+    "dipreg.training.fit:run_fit",
     _fit_args,
 )
 def _fit(run: RunFunction, args: argparse.Namespace) -> object:

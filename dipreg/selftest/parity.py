@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from dipreg.adapter import SUPPORTED_MODEL_TYPES, ModelAdapter
-from dipreg.data import collate, pair_examples
 from dipreg.eval import degrade, state_checksum
 from dipreg.eval.degradation.layouts import UnsupportedOperatorError
 from dipreg.losses import BatchView, WrongMarginHinge
 from dipreg.prompting import PromptFormat
 from dipreg.selftest.build import random_model, tiny_config, word_tokenizer
 from dipreg.stimuli import MinimalPair, load_pairs
+from dipreg.training.data import collate, pair_examples
 from dipreg.trajectory import trajectories_by_lens
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "split": 1e-4}

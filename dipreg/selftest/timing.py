@@ -67,9 +67,9 @@ def _fit_seconds(
     import lightning as L
 
     from dipreg.bench.monitor import _TimedMonitor
-    from dipreg.data import PairDataModule
     from dipreg.losses import WrongMarginHinge
-    from dipreg.module import DipRegModule
+    from dipreg.training.data import PairDataModule
+    from dipreg.training.module import DipRegModule
 
     aux = [WrongMarginHinge(weight=0.2)] if hinge else []
     module = DipRegModule(model=copy.deepcopy(model), tokenizer=tokenizer, aux_losses=aux, dropout=0.0)

@@ -1,6 +1,6 @@
 """Train one arm × seed of `dipreg arms`: the recipe's LoRA SFT with DipMonitor on and CompressionRetention at the end.
 
-The arm is instantiated through the same LightningCLI as `dipreg fit` (:func:`dipreg.fit.build_cli`), from the
+The arm is instantiated through the same LightningCLI as `dipreg fit` (:func:`dipreg.training.fit.build_cli`), from the
 recipe (λ applied) written to ``recipe.yaml`` in the run folder, so every recipe setting applies; the arms runner
 overrides only the seed, the base model, the sizes of :class:`ArmsSettings`, the logger and its own callbacks.
 
@@ -27,11 +27,11 @@ import yaml
 from dipreg.artifacts import write_json
 from dipreg.callbacks.compression_retention import CompressionRetention
 from dipreg.callbacks.dip_monitor import DipMonitor
-from dipreg.data import PairDataModule
 from dipreg.eval.arms.plan import ArmSpec, ArmsSettings
-from dipreg.fit import build_cli
-from dipreg.module import DipRegModule
 from dipreg.stimuli import load_pairs
+from dipreg.training.data import PairDataModule
+from dipreg.training.fit import build_cli
+from dipreg.training.module import DipRegModule
 
 __all__ = ["RECIPE_FILE", "TRAIN_DONE", "ArmRun", "arm_cli_args", "build_arm_run", "limited_pairs", "train_arm"]
 

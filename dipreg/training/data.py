@@ -2,7 +2,7 @@
 
 Batches are right-padded (every real token keeps its position id) and carry each row's answer position, its
 correct and its wrong token. Contexts are rendered with the same :class:`~dipreg.prompting.PromptFormat` as the
-audit. The tokenizer comes from the trained :class:`~dipreg.module.DipRegModule` unless one is given.
+audit. The tokenizer comes from the trained :class:`~dipreg.training.module.DipRegModule` unless one is given.
 """
 
 from __future__ import annotations

@@ -26,7 +26,8 @@ from dipreg.lenses.causal import DEFAULT_NEUTRAL_PROMPT, neutral_token_ids
 # The causal lens's own hooks: the hinge transplants with exactly the code the lens measures with.
 from dipreg.lenses.causal import _patch_blocks as patch_blocks
 from dipreg.lenses.causal import _skip_blocks as skip_blocks
-from dipreg.losses import BatchView, WrongMarginHinge
+from dipreg.losses.base import BatchView
+from dipreg.losses.logit import WrongMarginHinge
 from dipreg.metrics import validate_count
 
 __all__ = ["CausalMarginHinge"]

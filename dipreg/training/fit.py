@@ -6,8 +6,8 @@ overridable flag by flag (``--model.lr 1e-4``, ``--trainer.max_steps 5``). ``--m
 options, the packaged recipes and examples (:func:`help_header`) before LightningCLI's own help.
 
 :func:`build_cli` is the one recipe parser: `dipreg arms` instantiates each of its arms through it as well. Every
-fit it builds has :class:`~dipreg.heldout.HeldOutEval` (``--heldout.*``) and
-:class:`~dipreg.health.TrainingHealth` (``--health.*``) attached. Bad input is refused before the model
+fit it builds has :class:`~dipreg.callbacks.heldout.HeldOutEval` (``--heldout.*``) and
+:class:`~dipreg.callbacks.health.TrainingHealth` (``--health.*``) attached. Bad input is refused before the model
 loads, as a ``ValueError`` that names its source: a config file that is not a YAML mapping, an option the parser
 refuses (with the config files it read), or a ``trainer.max_steps`` that would train without a stated limit.
 """
@@ -24,12 +24,12 @@ import yaml
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dipreg.data import PairDataModule
-from dipreg.health import TrainingHealth
-from dipreg.heldout import HeldOutEval
+from dipreg.callbacks.health import TrainingHealth
+from dipreg.callbacks.heldout import HeldOutEval
 from dipreg.models import resolve_device
-from dipreg.module import DipRegModule
 from dipreg.recipes import RECIPES, recipe_path
+from dipreg.training.data import PairDataModule
+from dipreg.training.module import DipRegModule
 
 __all__ = [
     "TRAINER_DEFAULTS",

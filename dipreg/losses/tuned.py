@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from dipreg.lenses.tuned import DEFAULT_CORPUS, TunedLens, load_tuned_lens, tuned_lens_options
-from dipreg.losses import BatchView, WrongMarginHinge
+from dipreg.losses.base import BatchView
+from dipreg.losses.logit import WrongMarginHinge
 
 __all__ = ["TunedMarginHinge"]
 

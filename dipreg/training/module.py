@@ -3,7 +3,7 @@
 One training forward runs the backbone with :meth:`ModelAdapter.capture` at the answer positions; the CE is
 computed from the captured last-layer residual (final norm + head, at the answer position only, never B×T×V),
 and every auxiliary loss reads the same captured residuals. Checkpoints hold only the trainable adapter weights.
-This module trains; measuring held-out trajectories lives in :mod:`dipreg.heldout`.
+This module trains; measuring held-out trajectories lives in :mod:`dipreg.callbacks.heldout`.
 """
 
 from __future__ import annotations
