@@ -322,9 +322,14 @@ def nan_loss_fit(env: Env, **health: Any) -> None:
 
 
 def pinned_loss_fit(env: Env) -> None:
-    """lr=1e9: the final norm reads zeros, every logit is equal and the loss is pinned at ln 64."""
+    """A zero final-norm weight: every logit is 0, the loss is exactly ln 64 and no gradient reaches the adapter,
+    so even lr=1e9 leaves it pinned (a planted ln V plateau that does not depend on how huge steps overflow)."""
     data = PairDataModule(train=str(env.pairs_file), val=[str(env.pairs_file)], batch_size=4, prompt="raw")
-    fit_with_health(env, tiny_module(env, lr=1e9), data, diverged_steps=3)
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    module = DipRegModule(model=model, tokenizer=env.tokenizer, r=4, alpha=8, aux_losses=[], lr=1e9)
+    fit_with_health(env, module, data, diverged_steps=3)
 
 
 # -- commands: every option is checked before the output folder is made and the model loads -------------------

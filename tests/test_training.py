@@ -517,10 +517,18 @@ def _tiny_fit_args(model_dir: str, pairs_file: str, root: Path, *flags: str) -> 
     ]
 
 
-def test_dipreg_fit_with_lr_1e9_exits_2_naming_the_step_and_the_same_fit_at_a_sane_lr_runs(
-    tiny_model_dir, pairs_file, tmp_path, capsys
+def test_dipreg_fit_with_a_pinned_loss_exits_2_naming_the_step_and_a_healthy_model_runs(
+    tiny_model_dir, tiny_tokenizer, pairs_file, tmp_path, capsys
 ):
-    args = _tiny_fit_args(tiny_model_dir, pairs_file, tmp_path / "a", "--trainer.max_steps", "12")
+    # The planted fault: a zero final-norm weight makes every logit 0, so the loss is exactly ln V at every step
+    # (no gradient reaches the adapter, whatever the learning rate).
+    pinned = tmp_path / "zero-norm"
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+    model.save_pretrained(pinned)
+    tiny_tokenizer.save_pretrained(pinned)
+    args = _tiny_fit_args(str(pinned), pairs_file, tmp_path / "a", "--trainer.max_steps", "12")
     assert main([*args, "--model.lr", "1e9"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "error: Training stopped at optimizer step 10: the training loss has been >= ln V = ln(64) = 4.1589" in err
