@@ -4,7 +4,8 @@ Public surface (DESIGN.md): :func:`load_model`, :func:`trajectories`, :mod:`dipr
 :class:`ModelAdapter`; training, callbacks and eval live in their own subpackages.
 """
 
-from dipreg.adapter import ModelAdapter, UnsupportedModelError
+from dipreg.adapter import ModelAdapter
+from dipreg.architectures import UnsupportedModelError
 from dipreg.lenses import LENSES, Lens, LogitLens
 from dipreg.models import ModelLoadError, load_model
 from dipreg.semantic import semantic_trajectories

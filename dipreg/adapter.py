@@ -1,4 +1,4 @@
-"""The one place that knows where each architecture keeps its decoder layers, final norm and unembedding.
+"""Handles on a causal LM's decoder layers, final norm and unembedding, found through :mod:`dipreg.architectures`.
 
 Everything else (lenses, patchscope, hinge loss, degradations) asks a :class:`ModelAdapter`. The adapter
 captures residual streams with forward hooks on the decoder layers, because ``output_hidden_states``
@@ -21,27 +21,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
+from dipreg.architectures import Architecture, UnsupportedModelError, architecture
 from dipreg.devices import execution_device, onloaded
 
 if TYPE_CHECKING:
     from dipreg.kv_prefix import PrefixCache
-
-# model_type -> (backbone attribute on the *ForCausalLM, layers attribute, final-norm attribute)
-_ARCHITECTURES: dict[str, tuple[str, str, str]] = {
-    "llama": ("model", "layers", "norm"),
-    "mistral": ("model", "layers", "norm"),
-    "qwen2": ("model", "layers", "norm"),
-    "qwen3": ("model", "layers", "norm"),
-    "gemma2": ("model", "layers", "norm"),
-    "gpt2": ("transformer", "h", "ln_f"),
-    "gpt_neox": ("gpt_neox", "layers", "final_layer_norm"),
-}
-
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_ARCHITECTURES)
-
-
-class UnsupportedModelError(TypeError):
-    """The model's architecture is not known to :class:`ModelAdapter`."""
 
 
 def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
@@ -91,21 +75,17 @@ class ModelAdapter:
     def __post_init__(self) -> None:
         self.causal_lm = unwrap_causal_lm(self.model)
         model_type = getattr(self.causal_lm.config, "model_type", None)
-        if model_type not in _ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"dipreg does not know the architecture {type(self.causal_lm).__name__} "
-                f"(model_type={model_type!r}). Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}."
-            )
-        backbone_attr, layers_attr, norm_attr = _ARCHITECTURES[model_type]
+        arch = architecture(model_type, type(self.causal_lm).__name__)
         self.model_type: str = model_type
-        self.backbone: nn.Module = getattr(self.causal_lm, backbone_attr)
-        self.layers: nn.ModuleList = getattr(self.backbone, layers_attr)
-        self.final_norm: nn.Module = getattr(self.backbone, norm_attr)
+        self.architecture: Architecture = arch
+        self.backbone: nn.Module = getattr(self.causal_lm, arch.backbone)
+        self.layers: nn.ModuleList = getattr(self.backbone, arch.layers)
+        self.final_norm: nn.Module = getattr(self.backbone, arch.final_norm)
         head = self.causal_lm.get_output_embeddings()
         if head is None:
             raise UnsupportedModelError(f"{type(self.causal_lm).__name__} has no output embedding (lm_head).")
         self.lm_head: nn.Linear = head
-        cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
+        cap = getattr(self.causal_lm.config, arch.softcap_key, None) if arch.softcap_key else None
         self.softcap: float | None = float(cap) if cap else None
 
     @property

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from dipreg.architectures import architecture
 from dipreg.models import resolve_dtype
 
 #: Shipped published configs (config.json only, no weights): name -> file in ``dipreg/configs``.
@@ -97,8 +98,6 @@ def memory_table(
     architecture: weights, gradients and AdamW moments in float32, 16 bytes per parameter). Activations of the
     forward itself (attention, MLP) are not counted: they depend on the kernels.
     """
-    from dipreg.training.module import LORA_TARGETS  # imports Lightning: only when a table is asked for
-
     size = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
     model = meta_model(config)
     params = parameter_count(model)
@@ -106,7 +105,7 @@ def memory_table(
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or width // heads
-    lora = lora_parameter_count(model, lora_r, LORA_TARGETS.get(config.model_type, []))
+    lora = lora_parameter_count(model, lora_r, list(architecture(config.model_type).lora_targets))
     kv = lens_rows * layers * 2 * kv_heads * head_dim * neutral_tokens
     return [
         MemoryRow("parameters", params * size, f"{params:,} parameters × {size} B ({dtype})"),

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.text import Text
 
-from dipreg.adapter import UnsupportedModelError
+from dipreg.architectures import UnsupportedModelError
 from dipreg.cli import commands as _commands  # noqa: F401  (registers the commands)
 from dipreg.cli.options import load_scope
 from dipreg.cli.registry import COMMANDS

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dipreg.adapter import SUPPORTED_MODEL_TYPES, ModelAdapter
+from dipreg.adapter import ModelAdapter
+from dipreg.architectures import SUPPORTED_MODEL_TYPES
 from dipreg.eval import degrade, state_checksum
 from dipreg.eval.degradation.layouts import UnsupportedOperatorError
 from dipreg.losses import BatchView, WrongMarginHinge

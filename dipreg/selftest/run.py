@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dipreg.adapter import SUPPORTED_MODEL_TYPES
+from dipreg.architectures import SUPPORTED_MODEL_TYPES
 from dipreg.artifacts import write_json
 from dipreg.models import resolve_device
 from dipreg.selftest.parity import run_parity

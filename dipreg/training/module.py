@@ -26,18 +26,7 @@ from dipreg.adapter import ModelAdapter
 from dipreg.losses import AuxLoss, BatchView
 from dipreg.models import DTYPE_CHOICES, load_model
 
-__all__ = ["LORA_TARGETS", "CheckpointMismatchError", "DipRegModule", "late_layers"]
-
-#: LoRA target modules per model type: attention and MLP projections.
-LORA_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gpt2": ["c_attn", "c_proj", "c_fc"],
-    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-}
+__all__ = ["CheckpointMismatchError", "DipRegModule", "late_layers"]
 
 
 class CheckpointMismatchError(ValueError):
@@ -124,7 +113,8 @@ class DipRegModule(LightningModule):
     Args:
         model_name: HF name or local path; ``None`` is the embedded default (SmolLM2-135M-Instruct).
         r, alpha, dropout: LoRA rank, scaling and dropout.
-        target_modules: modules to adapt; ``None`` picks :data:`LORA_TARGETS` for the architecture.
+        target_modules: modules to adapt; ``None`` picks the architecture's
+            :attr:`~dipreg.architectures.Architecture.lora_targets`.
         layers: ``"all"`` or a late fraction (``0.25``: LoRA on the last 25 % of layers only).
         aux_losses: auxiliary losses (:class:`~dipreg.losses.AuxLoss`), e.g. ``[WrongMarginHinge(weight=0.2)]``.
         lr, weight_decay: AdamW settings.
@@ -209,7 +199,7 @@ class DipRegModule(LightningModule):
         model.config.use_cache = False
         base = ModelAdapter(model)
         to_adapt = late_layers(base.num_layers, layers)
-        targets = target_modules or LORA_TARGETS.get(base.model_type)
+        targets = target_modules or list(base.architecture.lora_targets)
         layers_path = next(name for name, mod in model.named_modules() if mod is base.layers)
         config = LoraConfig(
             r=r,
@@ -218,7 +208,7 @@ class DipRegModule(LightningModule):
             target_modules=targets,
             layers_to_transform=to_adapt,
             layers_pattern=layers_path.rsplit(".", 1)[-1] if to_adapt is not None else None,
-            fan_in_fan_out=base.model_type == "gpt2",
+            fan_in_fan_out=base.architecture.fan_in_fan_out,
             bias="none",
         )
         self.model: PeftModel = get_peft_model(model, config)  # casts the adapter to float32 on a half base

@@ -1,4 +1,4 @@
-"""Where each architecture keeps the weights the degradation operators touch (MLP matrices, block Linears).
+"""Finds the weights the degradation operators touch (MLP matrices, block Linears), from the architecture table.
 
 This module only finds modules; it never changes them. PEFT-wrapped projections are resolved to their base
 layer, and LoRA adapter matrices are never returned (they are not part of the intact model's weights).
@@ -11,16 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from dipreg.adapter import ModelAdapter
-
-# model_type -> (MLP attribute of a decoder block, input projections (hidden -> intermediate), output projection)
-_MLP_LAYOUT: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "llama": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
-    "mistral": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
-    "qwen2": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
-    "qwen3": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
-    "gemma2": ("mlp", ("gate_proj", "up_proj"), "down_proj"),
-    "gpt_neox": ("mlp", ("dense_h_to_4h",), "dense_4h_to_h"),
-}
+from dipreg.architectures import ARCHITECTURES
 
 
 class UnsupportedOperatorError(ValueError):
@@ -65,17 +56,23 @@ class MlpModules:
         return [base_layer(m) for m in [*self.inputs, self.output]]  # type: ignore[misc]
 
 
+def _with_mlp_layout() -> list[str]:
+    """The model types whose MLP layout :data:`~dipreg.architectures.ARCHITECTURES` knows (their blocks use
+    ``nn.Linear``)."""
+    return [name for name, arch in ARCHITECTURES.items() if arch.mlp is not None]
+
+
 def mlp_modules(adapter: ModelAdapter, index: int, operator: str) -> MlpModules:
     """The MLP of decoder block ``index`` (0-based); a clear error naming ``operator`` where unsupported."""
-    layout = _MLP_LAYOUT.get(adapter.model_type)
+    layout = adapter.architecture.mlp
     if layout is None:
         raise UnsupportedOperatorError(
             f"Operator {operator!r} acts on the MLP matrices, which dipreg.eval does not know for the "
             f"{adapter.model_type!r} architecture ({type(adapter.causal_lm).__name__}; GPT-2 keeps them in Conv1D "
-            f"c_fc/c_proj). Supported for {operator!r}: {', '.join(_MLP_LAYOUT)}. Use a structural operator that "
-            "does not touch weights (late_drop, mid_drop, deprive) on this model."
+            f"c_fc/c_proj). Supported for {operator!r}: {', '.join(_with_mlp_layout())}. Use a structural operator "
+            "that does not touch weights (late_drop, mid_drop, deprive) on this model."
         )
-    mlp_attr, inputs, output = layout
+    mlp_attr, inputs, output = layout.attr, layout.inputs, layout.output
     mlp = getattr(adapter.layers[index], mlp_attr)
     for name in (*inputs, output):
         if not isinstance(base_layer(getattr(mlp, name)), nn.Linear):
@@ -102,6 +99,6 @@ def block_linears(adapter: ModelAdapter, operator: str) -> list[tuple[str, nn.Li
         raise UnsupportedOperatorError(
             f"Operator {operator!r} quantizes nn.Linear weights, but the decoder blocks of the {adapter.model_type!r} "
             f"architecture hold none (GPT-2 uses Conv1D). Supported: models whose blocks use nn.Linear "
-            "(llama, mistral, qwen2, qwen3, gemma2, gpt_neox)."
+            f"({', '.join(_with_mlp_layout())})."
         )
     return found
