@@ -15,7 +15,10 @@ from torch import Tensor
 
 from dipreg.adapter import ModelAdapter
 
-__all__ = ["AuxLoss", "BatchView"]
+__all__ = ["HINGE_WINDOW", "AuxLoss", "BatchView"]
+
+#: The relative-depth window ``(lo, hi)`` every wrong-margin hinge penalises by default (paper §6: 0.30 ≤ ℓ/L ≤ 0.85).
+HINGE_WINDOW: tuple[float, float] = (0.30, 0.85)
 
 
 @dataclass(frozen=True)

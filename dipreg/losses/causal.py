@@ -26,7 +26,7 @@ from dipreg.lenses.causal import DEFAULT_NEUTRAL_PROMPT, neutral_token_ids
 # The causal lens's own hooks: the hinge transplants with exactly the code the lens measures with.
 from dipreg.lenses.causal import _patch_blocks as patch_blocks
 from dipreg.lenses.causal import _skip_blocks as skip_blocks
-from dipreg.losses.base import BatchView
+from dipreg.losses.base import HINGE_WINDOW, BatchView
 from dipreg.losses.logit import WrongMarginHinge
 from dipreg.metrics import validate_count
 
@@ -100,7 +100,7 @@ class CausalMarginHinge(WrongMarginHinge):
 
     def __init__(
         self,
-        window: tuple[float, float] = (0.30, 0.85),
+        window: tuple[float, float] = HINGE_WINDOW,
         delta: float = 0.0,
         weight: float = 0.2,
         layers_per_step: int = 2,

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from dipreg.losses.base import AuxLoss, BatchView
+from dipreg.losses.base import HINGE_WINDOW, AuxLoss, BatchView
 from dipreg.metrics import depth_mask, validate_window
 
 __all__ = ["WrongMarginHinge"]
@@ -32,7 +32,7 @@ class WrongMarginHinge(AuxLoss):
 
     name = "hinge"
 
-    def __init__(self, window: tuple[float, float] = (0.30, 0.85), delta: float = 0.0, weight: float = 0.2) -> None:
+    def __init__(self, window: tuple[float, float] = HINGE_WINDOW, delta: float = 0.0, weight: float = 0.2) -> None:
         self.window = validate_window(window, "WrongMarginHinge window")
         self.delta = float(delta)
         if not math.isfinite(self.delta):

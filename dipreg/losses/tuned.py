@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from dipreg.lenses.tuned import DEFAULT_CORPUS, TunedLens, load_tuned_lens, tuned_lens_options
-from dipreg.losses.base import BatchView
+from dipreg.losses.base import HINGE_WINDOW, BatchView
 from dipreg.losses.logit import WrongMarginHinge
 
 __all__ = ["TunedMarginHinge"]
@@ -38,7 +38,7 @@ class TunedMarginHinge(WrongMarginHinge):
     def __init__(
         self,
         tuned_lens: str | None = None,
-        window: tuple[float, float] = (0.30, 0.85),
+        window: tuple[float, float] = HINGE_WINDOW,
         delta: float = 0.0,
         weight: float = 0.2,
     ) -> None:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from dipreg.eval.degradation.operators import DegradeError, parse_ops
+from dipreg.losses import TunedMarginHinge, WrongMarginHinge, loss_class
 from dipreg.metrics import validate_count
 from dipreg.prompting import PromptFormat
 from dipreg.recipes import load_recipe
@@ -21,7 +22,6 @@ __all__ = [
     "ARM_RECIPES",
     "DEFAULT_ARMS",
     "HINGE_ARMS",
-    "HINGE_CLASSES",
     "SETTING_FLAGS",
     "ArmSpec",
     "ArmsSettings",
@@ -35,8 +35,6 @@ DEFAULT_ARMS: tuple[str, ...] = ("output_only", "late_only", "dip_reg")
 HINGE_ARMS: tuple[str, ...] = ("dip_reg", "dip_reg_causal", "dip_reg_tuned")
 #: Every arm `dipreg arms` knows (each a packaged recipe of the same name).
 ARM_RECIPES: tuple[str, ...] = ("output_only", "late_only", "dip_reg", "dip_reg_causal", "dip_reg_tuned")
-#: Aux losses whose ``weight`` is the arm's λ (class names; matched on the end of ``class_path``).
-HINGE_CLASSES: tuple[str, ...] = ("WrongMarginHinge", "CausalMarginHinge", "TunedMarginHinge")
 
 #: Conditions every trained arm is evaluated under: clean plus the paper's Table 4 degradations, late block
 #: drop and mid pruning (§5.3), and late deprivation α=0, whose flip rate is the "fragility" column.
@@ -54,20 +52,27 @@ class ArmSpec:
     tuned_lens: str | None = None
 
     def recipe_config(self) -> dict[str, Any]:
-        """The recipe as a dict with λ applied to every hinge (:data:`HINGE_CLASSES`) and ``tuned_lens`` to every
-        ``TunedMarginHinge``."""
+        """The recipe as a dict with λ applied to every hinge (an aux loss whose ``class_path`` resolves to a
+        :class:`~dipreg.losses.WrongMarginHinge` or a subclass) and ``tuned_lens`` to every
+        :class:`~dipreg.losses.TunedMarginHinge`."""
         config = load_recipe(self.recipe)
-        for spec in (config.get("model") or {}).get("aux_losses") or []:
-            if self.lam is not None and spec["class_path"].endswith(HINGE_CLASSES):
+        for spec in _aux_losses(config):
+            cls = loss_class(spec["class_path"])
+            if self.lam is not None and issubclass(cls, WrongMarginHinge):
                 spec.setdefault("init_args", {})["weight"] = self.lam
-            if self.tuned_lens is not None and spec["class_path"].endswith("TunedMarginHinge"):
+            if self.tuned_lens is not None and issubclass(cls, TunedMarginHinge):
                 spec.setdefault("init_args", {})["tuned_lens"] = self.tuned_lens
         return config
 
     def needs_tuned_lens(self) -> bool:
-        """Whether the recipe trains with a ``TunedMarginHinge``."""
-        specs = (load_recipe(self.recipe).get("model") or {}).get("aux_losses") or []
-        return any(spec["class_path"].endswith("TunedMarginHinge") for spec in specs)
+        """Whether the recipe trains with a :class:`~dipreg.losses.TunedMarginHinge` (or a subclass)."""
+        specs = _aux_losses(load_recipe(self.recipe))
+        return any(issubclass(loss_class(spec["class_path"]), TunedMarginHinge) for spec in specs)
+
+
+def _aux_losses(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """A recipe's ``model.aux_losses`` entries (an empty list when it has none)."""
+    return (config.get("model") or {}).get("aux_losses") or []
 
 
 def build_arms(arms: list[str], lambdas: list[float]) -> list[ArmSpec]:
