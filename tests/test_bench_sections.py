@@ -44,7 +44,7 @@ REPORTED = {
     "monitor_overhead_small_step": (r"([\d.]+)s with monitor .* vs ([\d.]+)s without", -1.0),
 }
 bench_run_load_model = bench_run.load_model
-RUN_KEYS = {"details", "model", "pairs", "repeats", "batch_size", "naive_pairs", "torch_threads"}
+RUN_KEYS = {"details", "model", "pairs", "repeats", "batch_size", "naive_pairs", "torch_threads", "section_seconds"}
 #: Reported values that are not a ratio of two timings (checked in tests/test_precision.py).
 NOT_TIMED = {"lens_bf16_vs_fp32_maxdiff"}
 
@@ -117,6 +117,7 @@ def test_every_section_runs_and_bench_json_reports_ratios_of_its_own_timings(
     assert saved == json.loads(json.dumps(payload))
     assert set(saved) == set(REPORTED) | RUN_KEYS | NOT_TIMED
     assert set(saved["details"]) == set(REPORTED) | NOT_TIMED
+    assert list(saved["section_seconds"]) == list(BENCHED) and min(saved["section_seconds"].values()) >= 0
     assert (saved["model"], saved["pairs"], saved["repeats"], saved["batch_size"], saved["naive_pairs"]) == (
         str(model_dir),
         str(pairs_file),

@@ -2,13 +2,15 @@
 
 Each section (one module each: ``lens``, ``causal``, ``hinge``, ``monitor``) times one part of dipreg next to its
 reference measured in the same run and returns named ratios. Sections are imported only when they run, so
-``dipreg bench --only lens`` never imports Lightning. Opt-in sections (``peers``: dipreg next to TransformerLens,
-nnsight and nnterp) run only when asked for, by ``--peers`` or by name in ``--only``.
+``dipreg bench --only lens`` never imports Lightning. Opt-in sections (:data:`OPT_IN`: ``monitor``, four LoRA fits;
+``peers``, dipreg next to TransformerLens, nnsight and nnterp) run only when asked for, by name in ``--only`` (or
+``--peers``). ``bench.json`` records each section's wall time (``section_seconds``).
 """
 
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,8 +33,12 @@ SECTIONS: dict[str, str] = {
     "monitor": "dipreg.bench.monitor:monitor_section",
     "peers": "dipreg.bench.peers:peers_section",
 }
-#: Sections left out of the default selection (slow, or needing optional packages).
-OPT_IN: tuple[str, ...] = ("peers",)
+#: Sections left out of the default selection, and why: each runs only when named in ``--only`` (``peers`` also by
+#: ``--peers``). The default sections finish in under 10 minutes on a 2-core CPU.
+OPT_IN: dict[str, str] = {
+    "monitor": "four 30-step LoRA fits, about 11 min on a 2-core CPU",
+    "peers": "needs the peers extra; times TransformerLens, nnsight and nnterp",
+}
 #: Pairs the ``peers`` section times the peers on (the first of the pair set): nnterp's patchscope runs every layer's
 #: transplant as a full forward of the neutral prompt (30 forwards per batch on the default model), which makes all
 #: 278 core pairs take far too long on a CPU; 8 pairs are one batch of 16 contexts.
@@ -89,15 +95,19 @@ def run_bench(
     model, tokenizer = load_model(model_name)
     ctx = BenchContext(model, tokenizer, pairs, batch_size, repeats, naive_pairs)
     ratios: list[Ratio] = []
+    seconds: dict[str, float] = {}
     with console.status("benchmarking…"):
         for name, section in zip(names, chosen, strict=True):
+            start = time.perf_counter()
             ratios.extend(section(ctx, **options.get(name, {})))
+            seconds[name] = round(time.perf_counter() - start, 1)
     table = Table(title=f"dipreg bench — {model_name or 'default:SmolLM2-135M-Instruct'}, {len(ctx.pairs)} pairs")
     for column in ("ratio", "value", "target", "met", "measured"):
         table.add_column(column)
     for r in ratios:
         table.add_row(r.name, f"{r.value:.3f}", r.target, "—" if r.met is None else "yes" if r.met else "NO", r.detail)
     console.print(table)
+    console.print("section wall time: " + ", ".join(f"{name} {sec:.0f} s" for name, sec in seconds.items()))
     payload: dict[str, Any] = {r.name: r.value for r in ratios}
     payload["details"] = {r.name: {"target": r.target, "met": r.met, "measured": r.detail} for r in ratios}
     payload.update(
@@ -108,6 +118,7 @@ def run_bench(
         naive_pairs=naive_pairs,
         **({"peers_pairs": peers_pairs} if "peers" in names else {}),
         torch_threads=torch.get_num_threads(),
+        section_seconds=seconds,
     )
     write_json(out_dir / "bench.json", payload)
     console.print(f"wrote {out_dir / 'bench.json'}")

@@ -98,8 +98,9 @@ def _bench_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
         "--only",
         type=csv_list,
         default=given["sections"],
-        none=f"all but {','.join(OPT_IN)}: {','.join(section_names())}",
-        help=f"comma-separated sections, from {', '.join(SECTIONS)}",
+        none=f"all but the opt-in ones: {','.join(section_names())}",
+        help=f"comma-separated sections, from {', '.join(SECTIONS)}; opt-in, run only when named here: "
+        + "; ".join(f"{name} ({why})" for name, why in OPT_IN.items()),
     )
     group = p.add_argument_group("peers (needs the peers extra)")
     option(
