@@ -1,7 +1,8 @@
 """dipreg: watch and repair how a language model assembles its answers.
 
-Public surface (DESIGN.md): :func:`load_model`, :func:`trajectories`, :mod:`dipreg.stimuli`,
-:class:`ModelAdapter`; training, callbacks and eval live in their own subpackages.
+Public surface (the README's "Python API"; the method and its definitions: ``docs/method.md``): :func:`load_model`,
+:func:`trajectories`, :mod:`dipreg.stimuli`, :class:`ModelAdapter`; training, callbacks and eval live in their own
+subpackages.
 """
 
 from dipreg.adapter import ModelAdapter

@@ -1,9 +1,10 @@
 """Item-level statistics of DiD trajectories (pure tensor functions, no model).
 
-Conventions (DESIGN.md): a DiD vector has one entry per decoder block ``ℓ = 1..L``; relative depth is ``ℓ/L``;
-the output decision is ``s = sign(DiD(L))``. A trajectory holding a NaN or an infinity has no defined dip or
-commit depth: :func:`max_wrong_dip` and :func:`commit_layer_frac` give NaN for it (never a number that reads
-like a clean item); :func:`unreadable_items` finds such items and the ones whose DiD is exactly 0 at every layer.
+Conventions (``docs/method.md``, "Layers, margins, DiD"): a DiD vector has one entry per decoder block ``ℓ = 1..L``;
+relative depth is ``ℓ/L``; the output decision is ``s = sign(DiD(L))``. A trajectory holding a NaN or an infinity
+has no defined dip or commit depth: :func:`max_wrong_dip` and :func:`commit_layer_frac` give NaN for it (never a
+number that reads like a clean item); :func:`unreadable_items` finds such items and the ones whose DiD is exactly 0
+at every layer.
 """
 
 from __future__ import annotations

@@ -15,12 +15,13 @@ free       no     R1/L4: a free one-sentence answer; rule-based A/B extraction (
 judge      judge  free answer classified by a separate judge model (any HF causal LM) as choosing A or B
 ========== ====== ===================================================================================
 
-Margins follow DESIGN.md: per context, the score of the option correct in ``ctx_a`` minus the other's; the pair's
-``DiD = margin_a − margin_b``. Pair correctness: label and semantic compare at the DiD level (``DiD > 0``, which
-cancels option-length and position bias); the generative readouts need both contexts answered correctly (a
-generated answer has no graded score). ``strict_correct`` (both contexts right) is reported for every readout.
-The label, semantic and constrained readouts read the same prompt, so a :class:`ReadoutSession` runs ONE scoring
-pass for all three. Readouts measure only: no grad, eval mode, the model's previous mode restored.
+Margins follow ``docs/method.md`` ("Layers, margins, DiD"): per context, the score of the option correct in
+``ctx_a`` minus the other's; the pair's ``DiD = margin_a − margin_b``. Pair correctness: label and semantic compare
+at the DiD level (``DiD > 0``, which cancels option-length and position bias); the generative readouts need both
+contexts answered correctly (a generated answer has no graded score). ``strict_correct`` (both contexts right) is
+reported for every readout. The label, semantic and constrained readouts read the same prompt, so a
+:class:`ReadoutSession` runs ONE scoring pass for all three. Readouts measure only: no grad, eval mode, the model's
+previous mode restored.
 """
 
 from __future__ import annotations
