@@ -28,6 +28,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from dipreg.validation import validate_count, validate_number
+
 __all__ = ["DEFAULT_DIVERGED_STEPS", "TrainingDivergedError", "TrainingHealth", "vocab_size_of"]
 
 #: Consecutive optimizer steps at or above ``ln V`` after which :class:`TrainingHealth` stops a fit.
@@ -93,23 +95,11 @@ class TrainingHealth(Callback):
         tolerance: float = 1e-3,
         vocab_size: int | None = None,
     ) -> None:
-        if diverged_steps is not None and (
-            not isinstance(diverged_steps, int) or isinstance(diverged_steps, bool) or diverged_steps < 1
-        ):
-            raise ValueError(
-                "TrainingHealth: diverged_steps (--health.diverged_steps) must be an integer >= 1 or None (rule "
-                f"off), got {diverged_steps!r}."
-            )
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0 <= tolerance < math.inf:
-            raise ValueError(
-                f"TrainingHealth: tolerance (--health.tolerance) must be a finite number >= 0, got {tolerance!r}."
-            )
-        if vocab_size is not None and (
-            not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 2
-        ):
-            raise ValueError(
-                f"TrainingHealth: vocab_size (--health.vocab_size) must be an integer >= 2 or None, got {vocab_size!r}."
-            )
+        validate_count(
+            diverged_steps, "TrainingHealth: diverged_steps (--health.diverged_steps)", 1, "rule off", allow_none=True
+        )
+        validate_number(tolerance, "TrainingHealth: tolerance (--health.tolerance)", 0.0)
+        validate_count(vocab_size, "TrainingHealth: vocab_size (--health.vocab_size)", 2, allow_none=True)
         self.diverged_steps = diverged_steps
         self.tolerance = float(tolerance)
         self.vocab_size = vocab_size

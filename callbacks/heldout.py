@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.table import Table
 
 from dipreg.artifacts import write_json
-from dipreg.metrics import DEFAULT_WINDOW, validate_window
+from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.stimuli import load_pairs
 from dipreg.trajectory import trajectories
+from dipreg.validation import validate_window
 
 __all__ = ["HeldOutEval"]
 

@@ -22,10 +22,11 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from dipreg.adapter import ModelAdapter
 from dipreg.batching import shared_prefix_length, tokenize_contexts
 from dipreg.callbacks.sharding import gathered_unembedding
-from dipreg.metrics import DEFAULT_WINDOW, unreadable_items, validate_window
+from dipreg.metrics import DEFAULT_WINDOW, unreadable_items
 from dipreg.prompting import PROMPT_STYLES, PromptFormat
 from dipreg.stimuli import MinimalPair, audit_single_token, load_pairs
 from dipreg.trajectory import LATE_BINDING_DEPTH, Trajectories, trajectories_by_lens
+from dipreg.validation import validate_window
 
 ModelGetter = str | Callable[[nn.Module], nn.Module] | None
 

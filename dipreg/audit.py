@@ -14,12 +14,13 @@ from rich.text import Text
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.lenses import LENSES
 from dipreg.lenses.tuned import resolve_lens_path
-from dipreg.metrics import DEFAULT_WINDOW, validate_count, validate_window
+from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.models import load_model
 from dipreg.plots import family_trajectory_figure, lens_comparison_figure, save_figure
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
 from dipreg.trajectory import DEGENERATE_SHARE, Trajectories, degenerate_answer, trajectories_by_lens
+from dipreg.validation import validate_count, validate_window
 
 #: The prompt style `dipreg audit` uses unless told: the one on which the default model is least degenerate.
 #: `dipreg prompt-styles` on the default model, core set, logit lens: strict accuracy raw 0.043, chat 0.000 (every

@@ -9,35 +9,12 @@ at every layer.
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
 
+from dipreg.validation import validate_window
+
 DEFAULT_WINDOW: tuple[float, float] = (0.25, 0.90)
-
-
-def validate_window(window: tuple[float, float], name: str = "window") -> tuple[float, float]:
-    """Check a relative-depth window ``(lo, hi)`` with ``0 ≤ lo ≤ hi ≤ 1`` and return it as floats."""
-    try:
-        lo, hi = (float(w) for w in window)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a pair (lo, hi) of relative depths, got {window!r}.") from err
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"{name}={window!r} must satisfy 0 <= lo <= hi <= 1 (relative depths ℓ/L).")
-    return lo, hi
-
-
-def validate_count(value: object, name: str, minimum: int = 1, meaning: str = "") -> int:
-    """Check a count option (a batch size, a repeat count, a limit) is an integer ``>= minimum`` and return it.
-
-    ``name`` is how the user gave it (``"--batch-size"``); ``meaning`` (e.g. ``"0 = all"``) is added to the message.
-    ``True``/``False`` are refused (a ``bool`` is an ``int`` in Python, never a count).
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        extra = f" ({meaning})" if meaning else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}.")
-    return int(value)
 
 
 def depth_mask(num_layers: int, window: tuple[float, float]) -> Tensor:

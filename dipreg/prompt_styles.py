@@ -19,11 +19,11 @@ from rich.table import Table
 from rich.text import Text
 
 from dipreg.artifacts import prepare_out_dir, write_json
-from dipreg.metrics import validate_count
 from dipreg.models import load_model
 from dipreg.prompting import PROMPT_STYLES, PromptFormat
 from dipreg.stimuli import BUILTIN_SETS, MinimalPair, Vignette, load_pairs, load_vignettes
 from dipreg.trajectory import degenerate_answer, trajectories
+from dipreg.validation import validate_count
 
 #: What `dipreg prompt-styles` measures without --sets / --styles.
 DEFAULT_SETS: tuple[str, ...] = (*BUILTIN_SETS, "vignettes")  # "vignettes": see load_set

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from dipreg.stimuli import MinimalPair, StimulusError
+from dipreg.validation import validate_count
 
 PromptStyle = Literal["auto", "raw", "chat", "fewshot"]
 #: Every style; ``fewshot`` needs the whole pair set (:meth:`PromptFormat.render_pairs`).
@@ -69,8 +70,7 @@ class PromptFormat:
     def __post_init__(self) -> None:
         if self.style not in PROMPT_STYLES:
             raise ValueError(f"Unknown prompt style {self.style!r}; choose one of: {', '.join(PROMPT_STYLES)}.")
-        if isinstance(self.shots, bool) or not isinstance(self.shots, int) or self.shots < 1:
-            raise ValueError(f"shots must be an integer >= 1 (worked examples per item), got {self.shots!r}.")
+        validate_count(self.shots, "shots", 1, "worked examples per item")
 
     def resolved(self, tokenizer: Any) -> str:
         """The concrete style (``"raw"``, ``"chat"`` or ``"fewshot"``) for this tokenizer."""

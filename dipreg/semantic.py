@@ -27,6 +27,7 @@ from dipreg.batching import DEFAULT_PROMPT, pad_right, pad_token_id
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import StimulusError, Vignette
 from dipreg.trajectory import Trajectories
+from dipreg.validation import validate_window
 
 #: The instruction of the scoring readouts (label, semantic, constrained): they all read the same prompt.
 SCORING_INSTRUCTION = "Answer with one of the options."
@@ -241,6 +242,6 @@ def semantic_trajectories(
         >>> traj.max_wrong_dip  # doctest: +SKIP
     """
     prompt = PromptFormat(prompt) if isinstance(prompt, str) else prompt
-    window = metrics.validate_window(window)
+    window = validate_window(window)
     scores = score_options(model, tokenizer, vignettes, prompt=prompt, batch_size=batch_size, progress=progress)
     return scores.trajectories("semantic", window)

@@ -29,6 +29,7 @@ from dipreg.kv_prefix import PrefixCache
 from dipreg.lenses import Lens, resolve_lens
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import MinimalPair, StimulusError, candidate_token_ids
+from dipreg.validation import validate_window
 
 #: An item whose internal preference still disagrees with the output at or beyond this relative depth
 #: binds its answer late (the paper's "late-binding rate").
@@ -240,7 +241,7 @@ def trajectories_by_lens(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if not lenses:
         raise ValueError("Name at least one lens (e.g. 'logit').")
-    window = metrics.validate_window(window)
+    window = validate_window(window)
     prompt = PromptFormat(prompt) if isinstance(prompt, str) else prompt
     adapter = ModelAdapter(model)
     options = lens_options or {}

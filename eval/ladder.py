@@ -25,12 +25,12 @@ from rich.table import Table
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval import stats
 from dipreg.eval.degradation.operators import degrade
-from dipreg.metrics import validate_count
 from dipreg.models import load_model
 from dipreg.plots import save_figure
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
 from dipreg.trajectory import trajectories, trajectories_by_lens
+from dipreg.validation import validate_count
 
 __all__ = ["ACCURACY_MATCH", "ladder_figure", "measure_model", "parse_ladder", "run_ladder", "verdict"]
 

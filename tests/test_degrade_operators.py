@@ -274,12 +274,12 @@ def test_peft_wrapped_model_is_degraded_through_base_layers_and_restored(ids):
     [
         ("late_sdv", {}, "Unknown degradation operator 'late_sdv'; known operators: rtn"),
         ("late_svd", {"rank": 1000}, r"rank=1000 exceeds the \(64, 32\) matrix of block 6 mlp.gate_proj"),
-        ("late_drop", {"fraction": 0.0}, r"fraction=0.0 must be a fraction of depth in \(0, 1\]"),
-        ("deprive", {"fraction": 1.5}, r"fraction=1.5 must be a fraction of depth in \(0, 1\]"),
-        ("mid_svd", {"end": 1.2}, r"end=1.2 must be a fraction"),
+        ("late_drop", {"fraction": 0.0}, r"late_drop: fraction must be a fraction of depth in \(0, 1\], got 0.0"),
+        ("deprive", {"fraction": 1.5}, r"deprive: fraction must be a fraction of depth in \(0, 1\], got 1.5"),
+        ("mid_svd", {"end": 1.2}, r"mid_svd: end must be a fraction of depth in \(0, 1\], got 1.2"),
         ("rtn", {"bits": 5}, r"bits=5 is not supported; use one of \(8, 4, 3\)"),
         ("rtn", {"rank": 4}, r"no parameter\(s\) \['rank'\]; its parameters: bits, group_size"),
-        ("deprive", {"alpha": 2.0}, r"alpha=2.0 must lie in \[0, 1\]"),
+        ("deprive", {"alpha": 2.0}, r"deprive: alpha must be a residual scale \(1 = intact\) in \[0, 1\], got 2.0"),
         ("mid_prune", {"fraction": 1.0}, "would remove all 64 channels"),
     ],
 )

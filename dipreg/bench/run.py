@@ -21,9 +21,9 @@ from rich.table import Table
 
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.bench.core import BenchContext, Ratio, Section
-from dipreg.metrics import validate_count
 from dipreg.models import load_model
 from dipreg.stimuli import load_pairs
+from dipreg.validation import validate_count
 
 #: Section name -> ``module:function``, in the order `dipreg bench` runs them.
 SECTIONS: dict[str, str] = {

@@ -7,7 +7,6 @@ or a text file (one document per line). The model is only read (eval mode, no gr
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,10 @@ from dipreg.adapter import ModelAdapter, eval_mode
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.batching import pad_right, pad_token_id
 from dipreg.lenses.tuned import CORPORA, DEFAULT_CORPUS, TUNED_LENS_FILE, TunedLens, default_tuned_lens_dir, model_id
-from dipreg.metrics import validate_count
 from dipreg.models import load_model
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
+from dipreg.validation import validate_count, validate_number
 
 #: Generic openings the out-of-domain corpus is sampled from (raw text, no chat template).
 GENERIC_PROMPTS: tuple[str, ...] = (
@@ -78,9 +77,7 @@ class TrainSettings:
             flag = _FLAGS.get(name)
             minimum = 0 if name in ("vocab_top_k", "seed") else 1
             validate_count(getattr(self, name), f"{name} ({flag})" if flag else name, minimum)
-        lr = self.lr
-        if isinstance(lr, bool) or not isinstance(lr, int | float) or not 0 < lr < math.inf:
-            raise ValueError(f"lr (--lr) must be a finite number > 0, got {lr!r}.")
+        validate_number(self.lr, "lr (--lr)", 0.0, low_open=True)
 
 
 #: The `dipreg tuned-lens train` flag of each :class:`TrainSettings` field (the ones the CLI exposes).

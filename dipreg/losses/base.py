@@ -8,12 +8,12 @@ forward pass of their own: :class:`BatchView` carries the residuals the module c
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 
 from torch import Tensor
 
 from dipreg.adapter import ModelAdapter
+from dipreg.validation import validate_number
 
 __all__ = ["HINGE_WINDOW", "AuxLoss", "BatchView"]
 
@@ -60,12 +60,7 @@ class AuxLoss(abc.ABC):
     name: str = "aux"
 
     def __init__(self, weight: float = 1.0) -> None:
-        weight = float(weight)
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(
-                f"{type(self).__name__}: weight (λ) must be a finite number >= 0, got {weight}. Use 0 to disable it."
-            )
-        self.weight = weight
+        self.weight = validate_number(weight, f"{type(self).__name__}: weight (λ)", 0.0, hint="Use 0 to disable it.")
 
     @abc.abstractmethod
     def __call__(self, view: BatchView) -> Tensor:

@@ -28,7 +28,7 @@ from dipreg.lenses.causal import _patch_blocks as patch_blocks
 from dipreg.lenses.causal import _skip_blocks as skip_blocks
 from dipreg.losses.base import HINGE_WINDOW, BatchView
 from dipreg.losses.logit import WrongMarginHinge
-from dipreg.metrics import validate_count
+from dipreg.validation import validate_count
 
 __all__ = ["CausalMarginHinge"]
 

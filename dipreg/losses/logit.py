@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from dipreg.losses.base import HINGE_WINDOW, AuxLoss, BatchView
-from dipreg.metrics import depth_mask, validate_window
+from dipreg.metrics import depth_mask
+from dipreg.validation import validate_number, validate_window
 
 __all__ = ["WrongMarginHinge"]
 
@@ -34,9 +33,7 @@ class WrongMarginHinge(AuxLoss):
 
     def __init__(self, window: tuple[float, float] = HINGE_WINDOW, delta: float = 0.0, weight: float = 0.2) -> None:
         self.window = validate_window(window, "WrongMarginHinge window")
-        self.delta = float(delta)
-        if not math.isfinite(self.delta):
-            raise ValueError(f"WrongMarginHinge: delta must be finite, got {delta}.")
+        self.delta = validate_number(delta, "WrongMarginHinge: delta")
         super().__init__(weight)
 
     def __repr__(self) -> str:

@@ -25,34 +25,13 @@ from torchmetrics.classification import BinaryAccuracy
 from dipreg.adapter import ModelAdapter
 from dipreg.losses import AuxLoss, BatchView
 from dipreg.models import DTYPE_CHOICES, load_model
+from dipreg.validation import validate_count, validate_number
 
 __all__ = ["CheckpointMismatchError", "DipRegModule", "late_layers"]
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint's adapter weights do not fit this module (other layers, rank or target modules)."""
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    """``value`` when it is an ``int`` (a ``bool`` is not) of at least ``minimum``; a ``ValueError`` naming it else."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(
-            f"DipRegModule: {name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})."
-        )
-    return value
-
-
-def _check_number(name: str, value: object, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
-    """``value`` when it is a finite real (not a ``bool``) in ``[low, high)`` (``(low, high)`` with ``low_open``)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and value < high
-    if not ok:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g})"
-        raise ValueError(
-            f"DipRegModule: {name} must be a finite number in {interval}, got {value!r} ({type(value).__name__})."
-        )
-    return float(value)  # type: ignore[arg-type]
 
 
 def late_layers(num_layers: int, layers: str | float) -> list[int] | None:
@@ -160,11 +139,11 @@ class DipRegModule(LightningModule):
         tokenizer: Any = None,
     ) -> None:
         super().__init__()
-        _check_int("r (the LoRA rank)", r, 1)
-        _check_number("alpha (the LoRA scaling)", alpha, 0.0, low_open=True)
-        _check_number("dropout", dropout, 0.0, 1.0)
-        _check_number("lr", lr, 0.0, low_open=True)
-        _check_number("weight_decay", weight_decay, 0.0)
+        validate_count(r, "DipRegModule: r (the LoRA rank)", 1)
+        validate_number(alpha, "DipRegModule: alpha (the LoRA scaling)", 0.0, math.inf, low_open=True)
+        validate_number(dropout, "DipRegModule: dropout", 0.0, 1.0)
+        validate_number(lr, "DipRegModule: lr", 0.0, math.inf, low_open=True)
+        validate_number(weight_decay, "DipRegModule: weight_decay", 0.0, math.inf)
         if not isinstance(gradient_checkpointing, bool):
             raise ValueError(
                 f"DipRegModule: gradient_checkpointing must be True or False, got {gradient_checkpointing!r}."

@@ -13,10 +13,10 @@ from typing import Any
 
 from dipreg.eval.degradation.operators import DegradeError, parse_ops
 from dipreg.losses import TunedMarginHinge, WrongMarginHinge, loss_class
-from dipreg.metrics import validate_count
 from dipreg.prompting import PromptFormat
 from dipreg.recipes import load_recipe
 from dipreg.stimuli import load_pairs
+from dipreg.validation import validate_count
 
 __all__ = [
     "ARM_RECIPES",

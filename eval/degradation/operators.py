@@ -23,6 +23,7 @@ from dipreg.devices import execution_device, module_tensor, offload_slot
 from dipreg.eval.degradation import quantize
 from dipreg.eval.degradation.layouts import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
 from dipreg.eval.degradation.ledger import Ledger, check_restored, state_checksum
+from dipreg.validation import validate_number
 
 #: The paper's structural + quantization contrast: what `dipreg degrade` runs without --ops.
 DEFAULT_OPS = "late_svd:rank=64,mid_svd:rank=64,rtn:bits=3,late_drop,mid_prune,deprive:alpha=0"
@@ -232,16 +233,11 @@ def _deprive(adapter: ModelAdapter, ledger: Ledger, layers: list[int], *, alpha:
 # ---------------------------------------------------------------- registry and validation
 
 
-def _check_fraction(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as err:
-        raise DegradeError(f"{name}={value!r} must be a number (a fraction of depth).") from err
-    ok = (0.0 <= value <= 1.0) if allow_zero else (0.0 < value <= 1.0)
-    if not ok:
-        interval = "[0, 1]" if allow_zero else "(0, 1]"
-        raise DegradeError(f"{name}={value} must be a fraction of depth in {interval}.")
-    return value
+def _fraction(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    """A fraction of depth in (0, 1] (``[0, 1]`` with ``allow_zero``)."""
+    return validate_number(
+        value, name, 0.0, 1.0, low_open=not allow_zero, high_closed=True, what="a fraction of depth", error=DegradeError
+    )
 
 
 @dataclass(frozen=True)
@@ -263,9 +259,9 @@ class Operator:
         merged = {**self.defaults, **params}
         for key in ("fraction", "end"):
             if key in merged:
-                merged[key] = _check_fraction(f"{self.name}: {key}", merged[key])
+                merged[key] = _fraction(f"{self.name}: {key}", merged[key])
         if "start" in merged:
-            merged["start"] = _check_fraction(f"{self.name}: start", merged["start"], allow_zero=True)
+            merged["start"] = _fraction(f"{self.name}: start", merged["start"], allow_zero=True)
             if merged["start"] >= merged["end"]:
                 raise DegradeError(f"{self.name}: start={merged['start']} must be below end={merged['end']}.")
         if "bits" in merged and merged["bits"] not in quantize.RTN_BITS:
@@ -278,9 +274,15 @@ class Operator:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DegradeError(f"{self.name}: {key}={value!r} must be a positive integer.")
         if "alpha" in merged:
-            merged["alpha"] = float(merged["alpha"])
-            if not 0.0 <= merged["alpha"] <= 1.0:
-                raise DegradeError(f"{self.name}: alpha={merged['alpha']} must lie in [0, 1] (1 = intact).")
+            merged["alpha"] = validate_number(
+                merged["alpha"],
+                f"{self.name}: alpha",
+                0.0,
+                1.0,
+                high_closed=True,
+                what="a residual scale (1 = intact)",
+                error=DegradeError,
+            )
         return merged
 
 

@@ -25,12 +25,13 @@ from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval.degradation.ledger import state_checksum
 from dipreg.eval.degradation.operators import DEFAULT_OPS, degrade, op_label, parse_ops
 from dipreg.eval.stats import operator_result
-from dipreg.metrics import DEFAULT_WINDOW, validate_count, validate_window
+from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.models import load_model
 from dipreg.plots import save_figure
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import load_pairs
 from dipreg.trajectory import Trajectories, trajectories
+from dipreg.validation import validate_count, validate_window
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:

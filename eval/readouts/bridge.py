@@ -36,13 +36,14 @@ from dipreg.eval.readouts.readout import (
     run_readouts,
     validate_readout_names,
 )
-from dipreg.metrics import DEFAULT_WINDOW, validate_count, validate_window
+from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.models import load_model
 from dipreg.plots import save_figure
 from dipreg.prompting import PromptFormat
 from dipreg.semantic import score_options
 from dipreg.stimuli import Vignette, balanced_subset, load_vignettes
 from dipreg.trajectory import Trajectories
+from dipreg.validation import validate_count, validate_window
 
 #: The structural operators of the paper's bridge ladder: what `dipreg bridge` runs without --ops.
 DEFAULT_BRIDGE_OPS = "deprive:alpha=0,late_svd:rank=64,mid_prune"
