@@ -28,13 +28,15 @@ from dipreg.callbacks.probe import (
 )
 from dipreg.callbacks.sharding import FullWeights, all_ranks_agree, gathered_unembedding, local_checksum
 from dipreg.eval.degradation.operators import RestoreError, degrade, get_operator, op_label, parse_ops
+from dipreg.eval.degradation.presets import PRESETS
 from dipreg.eval.stats import operator_result
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import MinimalPair, audit_single_token
 from dipreg.trajectory import trajectories
 
-DEFAULT_DEGRADATIONS = "late_svd:rank=64,mid_svd:rank=64,rtn:bits=3"
+#: What the callback measures without `degradations`: the `retention` preset.
+DEFAULT_DEGRADATIONS = PRESETS["retention"]
 
 
 @contextlib.contextmanager

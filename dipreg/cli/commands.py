@@ -191,6 +191,7 @@ def _tuned_lens(run: RunFunction, args: argparse.Namespace) -> object:
 
 def _degrade_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
     from dipreg.eval.degradation.operators import OPERATORS
+    from dipreg.eval.degradation.presets import PRESETS
 
     model_group(p, run)
     pairs_group(p, run, pairs_help=pair_sets_help())
@@ -199,7 +200,8 @@ def _degrade_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
         group,
         "--ops",
         default=Defaults(run)["ops"],
-        help=f"comma-separated operators op:key=value, op from {', '.join(OPERATORS)}",
+        help=f"comma-separated operators op:key=value, op from {', '.join(OPERATORS)}; or a preset name "
+        f"({', '.join(PRESETS)}), alone or among the operators",
     )
     output_group(p, run)
 
@@ -253,7 +255,12 @@ def _bridge_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
         default=list(given["readouts"]),
         help=f"comma-separated, from {', '.join(READOUT_NAMES)}",
     )
-    option(group, "--ops", default=given["ops"], help="degradations, as for dipreg degrade; '' for none")
+    option(
+        group,
+        "--ops",
+        default=given["ops"],
+        help="degradations, as for dipreg degrade (ops or a preset name); '' for none",
+    )
     option(
         group,
         "--interventions",
@@ -366,7 +373,12 @@ def _arms_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
     option(
         group, "--eval-limit", type=int, none=setting("eval_limit", "all"), help="use only the first N evaluation pairs"
     )
-    option(group, "--conditions", none=setting("conditions"), help="clean plus `dipreg degrade` ops")
+    option(
+        group,
+        "--conditions",
+        none=setting("conditions"),
+        help="clean plus `dipreg degrade` ops or preset names (the default: clean plus the arms preset)",
+    )
     option(group, "--monitor-every", type=int, none=setting("monitor_every"), help="DipMonitor cadence in steps")
     output_group(p, run)
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from dipreg.eval.degradation.operators import DegradeError, parse_ops
+from dipreg.eval.degradation.presets import PRESETS
 from dipreg.losses import TunedMarginHinge, WrongMarginHinge, loss_class
 from dipreg.prompting import PromptFormat
 from dipreg.recipes import load_recipe
@@ -36,9 +37,9 @@ HINGE_ARMS: tuple[str, ...] = ("dip_reg", "dip_reg_causal", "dip_reg_tuned")
 #: Every arm `dipreg arms` knows (each a packaged recipe of the same name).
 ARM_RECIPES: tuple[str, ...] = ("output_only", "late_only", "dip_reg", "dip_reg_causal", "dip_reg_tuned")
 
-#: Conditions every trained arm is evaluated under: clean plus the paper's Table 4 degradations, late block
-#: drop and mid pruning (§5.3), and late deprivation α=0, whose flip rate is the "fragility" column.
-DEFAULT_CONDITIONS = "clean,rtn:bits=4,rtn:bits=3,late_svd:rank=64,mid_svd:rank=64,late_drop,mid_prune,deprive:alpha=0"
+#: Conditions every trained arm is evaluated under: clean plus the ``arms`` preset (the paper's Table 4 degradations,
+#: late block drop and mid pruning (§5.3), and late deprivation α=0, whose flip rate is the "fragility" column).
+DEFAULT_CONDITIONS = f"clean,{PRESETS['arms']}"
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class ArmsSettings:
     monitor_every: int = 15
     retention_pairs: str = "comp_strict"
     retention_limit: int | None = None
-    retention_ops: str = "mid_svd:rank=64,late_svd:rank=64,rtn:bits=3"
+    retention_ops: str = PRESETS["retention"]
     eval_pairs: str = "strict240"
     eval_limit: int | None = None
     conditions: str = DEFAULT_CONDITIONS

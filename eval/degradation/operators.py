@@ -23,10 +23,8 @@ from dipreg.devices import execution_device, module_tensor, offload_slot
 from dipreg.eval.degradation import quantize
 from dipreg.eval.degradation.layouts import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
 from dipreg.eval.degradation.ledger import Ledger, check_restored, state_checksum
+from dipreg.eval.degradation.presets import PRESETS, expand_presets
 from dipreg.validation import validate_number
-
-#: The paper's structural + quantization contrast: what `dipreg degrade` runs without --ops.
-DEFAULT_OPS = "late_svd:rank=64,mid_svd:rank=64,rtn:bits=3,late_drop,mid_prune,deprive:alpha=0"
 
 
 class DegradeError(ValueError):
@@ -366,7 +364,10 @@ OPERATORS: dict[str, Operator] = {
 def get_operator(name: str) -> Operator:
     """The registered operator ``name``; a clear error listing the known ones otherwise."""
     if name not in OPERATORS:
-        raise DegradeError(f"Unknown degradation operator {name!r}; known operators: {', '.join(OPERATORS)}.")
+        raise DegradeError(
+            f"Unknown degradation operator {name!r}; known operators: {', '.join(OPERATORS)} "
+            f"(or a preset: {', '.join(PRESETS)})."
+        )
     return OPERATORS[name]
 
 
@@ -488,10 +489,11 @@ def parse_ops(spec: str) -> list[tuple[str, dict[str, Any]]]:
     """Parse ``late_svd:rank=64,rtn:bits=4,group_size=128,late_drop`` into ``[(op, params), ...]``.
 
     Commas separate items; ``name`` or ``name:key=value`` starts an operator; a bare ``key=value`` adds a
-    parameter to the operator before it. Every operator and parameter is validated.
+    parameter to the operator before it; a preset name (:data:`~dipreg.eval.degradation.presets.PRESETS`, e.g.
+    ``retention``) stands for its ops. Every operator and parameter is validated.
     """
     ops: list[tuple[str, dict[str, Any]]] = []
-    for item in (part.strip() for part in spec.split(",")):
+    for item in (part.strip() for part in expand_presets(spec).split(",")):
         if not item:
             continue
         if ":" in item or "=" not in item:

@@ -23,7 +23,8 @@ from rich.table import Table
 
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval.degradation.ledger import state_checksum
-from dipreg.eval.degradation.operators import DEFAULT_OPS, degrade, op_label, parse_ops
+from dipreg.eval.degradation.operators import degrade, op_label, parse_ops
+from dipreg.eval.degradation.presets import DEFAULT_OPS
 from dipreg.eval.stats import operator_result
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.models import load_model

@@ -25,6 +25,7 @@ from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval import stats
 from dipreg.eval.degradation.ledger import check_restored, state_checksum
 from dipreg.eval.degradation.operators import degrade, op_label, parse_ops
+from dipreg.eval.degradation.presets import PRESETS
 from dipreg.eval.readouts.figures import bridge_figure
 from dipreg.eval.readouts.interventions import DEFAULT_INTERVENTIONS, intervene, validate_interventions
 from dipreg.eval.readouts.readout import (
@@ -46,7 +47,7 @@ from dipreg.trajectory import Trajectories
 from dipreg.validation import validate_count, validate_window
 
 #: The structural operators of the paper's bridge ladder: what `dipreg bridge` runs without --ops.
-DEFAULT_BRIDGE_OPS = "deprive:alpha=0,late_svd:rank=64,mid_prune"
+DEFAULT_BRIDGE_OPS = PRESETS["bridge"]
 #: Vignettes `dipreg bridge` reads without --limit (a balanced subset; 0 = all): a CPU-sized default.
 DEFAULT_LIMIT = 48
 
