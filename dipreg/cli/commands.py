@@ -226,7 +226,7 @@ def _degrade(run: RunFunction, args: argparse.Namespace) -> object:
 
 def _bridge_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
     from dipreg.eval.readouts.interventions import INTERVENTIONS
-    from dipreg.eval.readouts.readout import READOUT_NAMES
+    from dipreg.eval.readouts.readout import READOUTS
     from dipreg.prompting import SINGLE_CONTEXT_STYLES
     from dipreg.stimuli import VIGNETTE_SETS
 
@@ -253,7 +253,7 @@ def _bridge_args(p: argparse.ArgumentParser, run: RunFunction) -> None:
         "--readouts",
         type=csv_list,
         default=list(given["readouts"]),
-        help=f"comma-separated, from {', '.join(READOUT_NAMES)}",
+        help=f"comma-separated, from {', '.join(READOUTS)}",
     )
     option(
         group,

@@ -1,6 +1,7 @@
 """Natural-language vignette readouts and the bridge ladder (paper §5.6).
 
-- :mod:`~dipreg.eval.readouts.readout`: the readouts (label, semantic, constrained, extractive, free, judge);
+- :mod:`~dipreg.eval.readouts.readout`: the readouts (label, semantic, constrained, extractive, free, judge), built by
+  name through :data:`READOUTS` (new readouts register there);
 - :mod:`~dipreg.eval.readouts.extraction`: rule-based A/B extraction from generated text;
 - :mod:`~dipreg.eval.readouts.generation`: greedy generation and next-token logits, left-padded batches;
 - :mod:`~dipreg.eval.readouts.interventions`: prompt-level interface interventions (the contrast class);
@@ -10,9 +11,10 @@
 
 from dipreg.eval.readouts.readout import (
     DEFAULT_READOUTS,
-    READOUT_NAMES,
+    READOUTS,
     Readout,
     ReadoutError,
+    ReadoutOptions,
     ReadoutResult,
     ReadoutSession,
     build_readouts,
@@ -20,9 +22,10 @@ from dipreg.eval.readouts.readout import (
 
 __all__ = [
     "DEFAULT_READOUTS",
-    "READOUT_NAMES",
+    "READOUTS",
     "Readout",
     "ReadoutError",
+    "ReadoutOptions",
     "ReadoutResult",
     "ReadoutSession",
     "build_readouts",

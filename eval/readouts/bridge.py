@@ -323,7 +323,7 @@ def run_bridge(
     Args:
         model_name: HF name or path; None for the embedded default model.
         pairs: vignette set(s): ``vignettes``, ``value_flip``, ``role_binding`` (comma-separated).
-        readouts: readout names (``dipreg.eval.readouts.readout.READOUT_NAMES``).
+        readouts: readout names (``dipreg.eval.readouts.READOUTS``).
         ops: degradation operators (``dipreg degrade`` syntax); empty string for none.
         interventions: prompt interventions (``dipreg.eval.readouts.interventions.INTERVENTIONS``).
         out: output folder.

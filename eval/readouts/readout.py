@@ -26,7 +26,7 @@ previous mode restored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -47,8 +47,6 @@ JUDGE_TEMPLATE = (
     'Question: {question}\nA) {first}\nB) {second}\nResponse: "{response}"\n'
     "Which option does the response choose, A or B?\nAnswer:"
 )
-#: Every readout name, in ladder order; ``judge`` needs a judge model.
-READOUT_NAMES: tuple[str, ...] = ("label", "semantic", "constrained", "extractive", "free", "judge")
 #: What ``dipreg bridge`` runs without ``--readouts``.
 DEFAULT_READOUTS: tuple[str, ...] = ("label", "semantic", "constrained", "extractive", "free")
 
@@ -335,6 +333,45 @@ class JudgeReadout:
         )
 
 
+@dataclass(frozen=True)
+class ReadoutOptions:
+    """What a readout factory may use to build its readout.
+
+    Args:
+        judge: ``(model, tokenizer)`` of the judge, needed by ``judge``.
+        max_new_tokens: length of free answers (``free`` and ``judge``).
+        extractive_tokens: length of extractive answers.
+    """
+
+    judge: tuple[nn.Module, Any] | None = None
+    max_new_tokens: int = 20
+    extractive_tokens: int = 8
+
+
+ReadoutFactory = Callable[[ReadoutOptions], Readout]
+_NEEDS_JUDGE = "The 'judge' readout needs a judge model: pass --judge MODEL (e.g. --judge default)."
+
+
+def _judge_readout(options: ReadoutOptions) -> Readout:
+    if options.judge is None:
+        raise ReadoutError(_NEEDS_JUDGE)
+    return JudgeReadout(options.judge[0], options.judge[1], options.max_new_tokens)
+
+
+#: name -> factory ``(ReadoutOptions) -> Readout``, in ladder order; ``judge`` needs a judge model. A new readout
+#: registers here and every name check, ``build_readouts`` and ``dipreg bridge --readouts`` know it.
+READOUTS: dict[str, ReadoutFactory] = {
+    "label": lambda options: ScoreReadout("label"),
+    "semantic": lambda options: ScoreReadout("semantic"),
+    "constrained": lambda options: ScoreReadout("constrained", pair_rule="both"),
+    "extractive": lambda options: GenerativeReadout(
+        "extractive", EXTRACTIVE_INSTRUCTION, "extractive", options.extractive_tokens
+    ),
+    "free": lambda options: GenerativeReadout("free", FREE_INSTRUCTION, "free", options.max_new_tokens),
+    "judge": _judge_readout,
+}
+
+
 def build_readouts(
     names: Sequence[str],
     *,
@@ -342,7 +379,7 @@ def build_readouts(
     max_new_tokens: int = 20,
     extractive_tokens: int = 8,
 ) -> list[Readout]:
-    """Readouts by name (see :data:`READOUT_NAMES`), validated: unknown names, duplicates and ``judge`` without a
+    """Readouts by name (see :data:`READOUTS`), validated: unknown names, duplicates and ``judge`` without a
     judge model are errors that say what to pass.
 
     Args:
@@ -354,33 +391,21 @@ def build_readouts(
     validate_readout_names(names, has_judge=judge is not None)
     if max_new_tokens < 1 or extractive_tokens < 1:
         raise ReadoutError("max_new_tokens and extractive_tokens must be >= 1.")
-    built: list[Readout] = []
-    for name in names:
-        if name in ("label", "semantic"):
-            built.append(ScoreReadout(name))  # type: ignore[arg-type]
-        elif name == "constrained":
-            built.append(ScoreReadout("constrained", pair_rule="both"))
-        elif name == "extractive":
-            built.append(GenerativeReadout(name, EXTRACTIVE_INSTRUCTION, "extractive", extractive_tokens))
-        elif name == "free":
-            built.append(GenerativeReadout(name, FREE_INSTRUCTION, "free", max_new_tokens))
-        else:
-            assert judge is not None
-            built.append(JudgeReadout(judge[0], judge[1], max_new_tokens))
-    return built
+    options = ReadoutOptions(judge, max_new_tokens, extractive_tokens)
+    return [READOUTS[name](options) for name in names]
 
 
 def validate_readout_names(names: Sequence[str], *, has_judge: bool) -> None:
     """Check readout names before any model is loaded."""
     if not names:
-        raise ReadoutError(f"Name at least one readout; choose from: {', '.join(READOUT_NAMES)}.")
-    unknown = [n for n in names if n not in READOUT_NAMES]
+        raise ReadoutError(f"Name at least one readout; choose from: {', '.join(READOUTS)}.")
+    unknown = [n for n in names if n not in READOUTS]
     if unknown:
-        raise ReadoutError(f"Unknown readout(s) {unknown}; choose from: {', '.join(READOUT_NAMES)}.")
+        raise ReadoutError(f"Unknown readout(s) {unknown}; choose from: {', '.join(READOUTS)}.")
     if len(set(names)) != len(names):
         raise ReadoutError(f"Readout names repeat in {list(names)}; name each once.")
     if "judge" in names and not has_judge:
-        raise ReadoutError("The 'judge' readout needs a judge model: pass --judge MODEL (e.g. --judge default).")
+        raise ReadoutError(_NEEDS_JUDGE)
 
 
 def run_readouts(
