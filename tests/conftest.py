@@ -3,6 +3,7 @@ tokenizer for them, hand-made minimal pairs, and (session-scoped) the real embed
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -113,6 +114,20 @@ def _tiny_config(arch: str):
     if arch == "gpt_neox":
         return GPTNeoXConfig(**common, intermediate_size=64, num_hidden_layers=8, tie_word_embeddings=False)
     raise ValueError(arch)
+
+
+def requires_extra(module: str, extra: str) -> pytest.MarkDecorator:
+    """The one skip policy for optional packages: a ``skipif`` mark that skips a test needing ``module`` when it is
+    not installed, with the install line of the extra that brings it (``needs the quant extra: pip install
+    'dipreg[quant]'``). A test of what happens WITHOUT the package does not use it: it simulates the absence.
+
+    Example:
+        >>> @requires_extra("bitsandbytes", "quant")  # doctest: +SKIP
+        ... def test_nf4(): ...
+    """
+    return pytest.mark.skipif(
+        importlib.util.find_spec(module) is None, reason=f"needs the {extra} extra: pip install 'dipreg[{extra}]'"
+    )
 
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2", "gpt_neox")
