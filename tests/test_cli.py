@@ -1,7 +1,10 @@
 """The `dipreg` console script: audit end to end on the real default model, and clear errors on bad input."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -311,3 +314,40 @@ def test_fit_help_lists_the_health_options(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "--health.diverged_steps" in text and "--health.tolerance" in text and "--heldout.sets" in text
+
+
+def missing_pairs_argv(tmp_path) -> list[str]:
+    return ["audit", "--pairs", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]
+
+
+def test_debug_flag_shows_the_traceback_instead_of_one_line(tmp_path):
+    """The console script as a user runs it: with ``--debug`` before the command, the error ends the process with
+    Python's traceback, the exception on its last line."""
+    script = "import sys; from dipreg.cli import main; sys.exit(main())"
+    run = subprocess.run(
+        [sys.executable, "-c", script, "--debug", *missing_pairs_argv(tmp_path)],
+        env={**os.environ, "DIPREG_DEBUG": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith("Traceback (most recent call last):")
+    assert "nope.jsonl" in run.stderr.splitlines()[-1] and "error:" not in run.stderr
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_debug_environment_variable_lets_the_error_through(tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setenv("DIPREG_DEBUG", value)
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        main(missing_pairs_argv(tmp_path))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("value", ["0", ""])
+def test_without_debug_an_error_is_one_line(tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setenv("DIPREG_DEBUG", value)
+    assert main(missing_pairs_argv(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "nope.jsonl" in err
