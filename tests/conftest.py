@@ -237,7 +237,7 @@ def _start_two_ranks() -> tuple[Path, Any]:
     from tests import sharded_run
 
     BACKGROUND_DIRS.append(Path(tempfile.mkdtemp(prefix="dipreg-two-ranks-")))
-    return BACKGROUND_DIRS[-1], sharded_run.start(list(sharded_run.STRATEGIES), BACKGROUND_DIRS[-1])
+    return BACKGROUND_DIRS[-1], sharded_run.start(list(sharded_run.JOBS), BACKGROUND_DIRS[-1])
 
 
 BACKGROUND_STARTERS = {"fresh_interpreter": _start_fresh_interpreter, "two_ranks": _start_two_ranks}
@@ -281,7 +281,7 @@ def fresh_interpreter() -> dict[str, str | None]:
 @pytest.fixture(scope="session")
 def two_ranks() -> Path:
     """``tests/test_sharded_probe.py``'s two-process run of ``tests/sharded_run.py`` (each rank fits DDP, then
-    FSDP2): the folder holding ``<strategy>/rank<r>.json``."""
+    FSDP2, then the ``health`` DDP fit): the folder holding ``<job>/rank<r>.json``."""
     from tests import sharded_run
 
     out, ranks = background("two_ranks")
