@@ -201,3 +201,35 @@ def test_a_mismatched_lens_names_its_file(llama_tiny, tmp_path):
     assert TunedLens.load(tmp_path / "lens").path == path
     with pytest.raises(ValueError, match=rf"^{path}: This tuned lens was trained for 6 layers"):
         load_tuned_lens(ModelAdapter(llama_tiny), path=tmp_path / "lens")
+
+
+def hand_kl_over_top_k(model, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``KL(final ‖ layer ℓ)`` written out for raw residuals ``(L, 1, D)`` of one position under identity translators:
+    the model's own final norm and head on every layer, both distributions renormalised on the ``top_k`` tokens of
+    the final layer's distribution, summed over those tokens, averaged over layers 1..L−1."""
+    logits = model.lm_head(model.model.norm(hidden[:, 0]))  # (L, V)
+    keep = logits[-1].topk(top_k).indices
+    final = logits[-1, keep].log_softmax(-1)
+    layers = logits[:-1, keep].log_softmax(-1)
+    return (final.exp() * (final - layers)).sum(-1).mean()
+
+
+def test_default_loss_is_the_kl_over_the_top_64_tokens_of_the_final_distribution():
+    """A vocabulary of 256, so that the top 64 are a real subset: the first loss of the default settings (identity
+    translators) is the KL renormalised on the final layer's top 64 tokens, not the full-vocabulary KL."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    hidden = 3 * torch.randn(4, 1, 32)
+    settings = TrainSettings(steps=1)
+    assert settings.vocab_top_k == 64
+    lens, losses = train_tuned_lens(ModelAdapter(model), hidden, settings)
+    with torch.no_grad():
+        want, full = hand_kl_over_top_k(model, hidden, 64), hand_kl_over_top_k(model, hidden, 256)
+    assert lens.meta["vocab_size_used"] == 64
+    assert losses[0] == pytest.approx(float(want), rel=1e-5)
+    assert abs(float(full) - float(want)) > 1e-2 * float(want), "the top-64 KL must differ from the full one here"
