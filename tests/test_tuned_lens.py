@@ -5,12 +5,14 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 import dipreg
 from dipreg.adapter import ModelAdapter
 from dipreg.cli import main
 from dipreg.lenses.tuned import TunedLens, load_tuned_lens
 from dipreg.lenses.tuned_training import (
+    IN_DOMAIN_SETS,
     TrainSettings,
     collect_hidden_states,
     in_domain_texts,
@@ -109,10 +111,66 @@ def test_out_of_domain_sampling_is_seeded(llama_tiny, tiny_tokenizer):
     assert len(first) == 20 and first == again and first != other
 
 
-def test_in_domain_corpus_is_every_builtin_context(tiny_tokenizer):
-    texts = in_domain_texts(tiny_tokenizer)  # no chat template: raw contexts
-    assert len(texts) == 2 * (278 + 200)
-    assert all(text.rstrip().endswith(":") or "Answer" in text for text in texts[:10])
+class TextsSeen(Exception):
+    """Raised by :class:`RecordingTokenizer` once it has the contexts: the audit need not run further."""
+
+
+class RecordingTokenizer:
+    """A tokenizer that records the first list of ``expected`` texts it is asked to tokenize (the audit's contexts)
+    and stops there; everything else goes to the wrapped tokenizer."""
+
+    def __init__(self, tokenizer, expected: int) -> None:
+        self.tokenizer, self.expected, self.texts = tokenizer, expected, None
+
+    def __call__(self, text, *args, **kwargs):
+        if isinstance(text, list) and len(text) == self.expected:
+            self.texts = text
+            raise TextsSeen
+        return self.tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def builtin_words_tokenizer():
+    """A word-level tokenizer over every word of the in-domain sets, so that their answers are one token each."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dipreg.stimuli import load_pairs
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    texts = [t for name in IN_DOMAIN_SETS for p in load_pairs(name) for t in (p.ctx_a, p.ctx_b, p.t_pos, p.t_neg)]
+    words = sorted({word for text in texts for word, _ in split.pre_tokenize_str(text)})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = split
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def audit_contexts(monkeypatch, tmp_path, tokenizer, pairs: str, *flags: str) -> list[str]:
+    """The texts ``dipreg audit --pairs PAIRS`` hands the tokenizer as the model's contexts."""
+    from dipreg import audit
+    from dipreg.stimuli import load_pairs
+
+    recording = RecordingTokenizer(tokenizer, 2 * len(load_pairs(pairs)))
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(audit, "load_model", lambda _name: (model, recording))
+    with pytest.raises(TextsSeen):
+        audit.run_audit(None, pairs, out=tmp_path / pairs, **dict(zip(flags[::2], flags[1::2], strict=True)))
+    return recording.texts
+
+
+@pytest.mark.parametrize("style", [None, "raw"], ids=["audit-default", "raw"])
+def test_in_domain_corpus_is_what_the_audit_shows_the_model(monkeypatch, tmp_path, style):
+    """For the default style (fewshot: worked examples from the same set) and an explicit one, the in-domain corpus
+    is the contexts the audit of each built-in set tokenizes for the model, in order."""
+    tokenizer = builtin_words_tokenizer()
+    flags = () if style is None else ("prompt", style)
+    seen = [text for name in IN_DOMAIN_SETS for text in audit_contexts(monkeypatch, tmp_path, tokenizer, name, *flags)]
+    corpus = in_domain_texts(tokenizer) if style is None else in_domain_texts(tokenizer, style)
+    assert len(corpus) == 2 * (278 + 200)
+    assert corpus == seen
 
 
 def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path):
