@@ -130,6 +130,30 @@ def requires_extra(module: str, extra: str) -> pytest.MarkDecorator:
     )
 
 
+def saved_figures(monkeypatch: pytest.MonkeyPatch, *modules: Any) -> dict[str, Any]:
+    """Spy on ``save_figure`` as each of ``modules`` imported it: the returned dict fills, as the code under test
+    saves, with file name -> the matplotlib ``Figure`` it saved, so a test reads the plotted data back (line and
+    bar values) instead of trusting a file size. Pair with :func:`assert_png_of`."""
+    saved: dict[str, Any] = {}
+    for module in modules:
+
+        def spy(fig: Any, path: Any, real: Any = module.save_figure) -> Any:
+            saved[Path(path).name] = fig
+            return real(fig, path)
+
+        monkeypatch.setattr(module, "save_figure", spy)
+    return saved
+
+
+def assert_png_of(path: Path, fig: Any, dpi: int = 120) -> None:
+    """``path`` is a PNG of ``fig``: its pixel size is the figure's size in inches times ``dpi``."""
+    from matplotlib.image import imread
+
+    height, width = imread(path).shape[:2]
+    want_width, want_height = (fig.get_size_inches() * dpi).round().astype(int)
+    assert (width, height) == (want_width, want_height), f"{path.name}: {width}x{height} pixels"
+
+
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2", "gpt_neox")
 
 

@@ -3,11 +3,13 @@ bad files and mismatched models get clear errors, and the CLI trains a lens that
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import assert_png_of, make_tiny_model, saved_figures
 
 import dipreg
+import dipreg.audit as audit_module
 from dipreg.adapter import ModelAdapter
 from dipreg.cli import main
 from dipreg.lenses.tuned import TunedLens, load_tuned_lens
@@ -173,7 +175,9 @@ def test_in_domain_corpus_is_what_the_audit_shows_the_model(monkeypatch, tmp_pat
     assert corpus == seen
 
 
-def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path):
+def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(
+    llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path, monkeypatch
+):
     model_dir, corpus, pairs = tmp_path / "tiny-llama", tmp_path / "corpus.txt", tmp_path / "pairs.jsonl"
     llama_tiny.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -195,11 +199,20 @@ def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(llama_tiny
     ]
     # --prompt auto: tiny_pairs has one pair per family, too few for the default few-shot style's worked examples
     argv = ["audit", "--model", str(model_dir), "--pairs", str(pairs), "--prompt", "auto", *lenses, "--out", str(audit)]
+    figures = saved_figures(monkeypatch, audit_module)
     assert main(argv) == 0
     payload = json.loads((audit / "audit.json").read_text())
     assert set(payload["lenses"]) == {"logit", "tuned", "causal"}
     assert payload["lens_options"]["causal"] == {"neutral_prompt": "cat cat\ndog dog\n?"}
-    assert (audit / "lenses.png").stat().st_size > 10_000
+    # lenses.png plots, per lens, the mean DiD and the mean output-aligned DiD of the items audit.json holds
+    raw, aligned = figures["lenses.png"].axes
+    for k, name in enumerate(["logit", "tuned", "causal"]):
+        did = np.array([item["did"] for item in payload["lenses"][name]["items"]])
+        sign = np.where(did[:, -1:] > 0, 1.0, -1.0)
+        np.testing.assert_allclose(raw.lines[k].get_ydata(), did.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(aligned.lines[k].get_ydata(), (sign * did).mean(0), rtol=1e-5, atol=1e-6)
+        assert raw.lines[k].get_label() == name
+    assert_png_of(audit / "lenses.png", figures["lenses.png"])
 
 
 def test_audit_without_a_trained_lens_names_the_fix(llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path, capsys):
