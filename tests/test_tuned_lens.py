@@ -14,6 +14,7 @@ from dipreg.adapter import ModelAdapter
 from dipreg.cli import main
 from dipreg.lenses.tuned import TunedLens, load_tuned_lens
 from dipreg.lenses.tuned_training import (
+    GENERIC_PROMPTS,
     IN_DOMAIN_SETS,
     TrainSettings,
     collect_hidden_states,
@@ -106,11 +107,34 @@ def test_not_a_tuned_lens_file_is_rejected(llama_tiny, tmp_path):
         load_tuned_lens(ModelAdapter(llama_tiny), path=tmp_path / "x.pt")
 
 
-def test_out_of_domain_sampling_is_seeded(llama_tiny, tiny_tokenizer):
-    first = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
-    again = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
-    other = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=4)
-    assert len(first) == 20 and first == again and first != other
+@torch.no_grad()
+def sampled_by_hand(model, tokenizer, num_texts: int, new_tokens: int, seed: int) -> list[str]:
+    """Ancestral sampling written out: after ``torch.manual_seed(seed)``, for each generic opening in turn, its
+    share of the texts as one batch, each step one ``torch.multinomial`` draw from the full softmax (temperature 1,
+    no top-k); a sequence that drew the end-of-text token is padded from then on."""
+    torch.manual_seed(seed)
+    per_prompt = -(-num_texts // len(GENERIC_PROMPTS))
+    eos = model.generation_config.eos_token_id
+    texts = []
+    for prompt in GENERIC_PROMPTS:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]] * per_prompt)
+        done = torch.zeros(per_prompt, dtype=torch.bool)
+        for _ in range(new_tokens):
+            drawn = torch.multinomial(model(input_ids=ids).logits[:, -1].float().softmax(-1), 1)[:, 0]
+            drawn = torch.where(done, tokenizer.pad_token_id, drawn)
+            ids = torch.cat([ids, drawn[:, None]], dim=1)
+            done |= drawn == eos
+            if done.all():
+                break
+        texts.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+    return texts[:num_texts]
+
+
+def test_out_of_domain_texts_are_the_models_own_samples_at_temperature_1(llama_tiny, tiny_tokenizer):
+    got = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
+    assert len(got) == 20
+    assert got == sampled_by_hand(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
+    assert got != sampled_by_hand(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=4)
 
 
 class TextsSeen(Exception):
