@@ -41,8 +41,13 @@ class MustNotTrain(UserModule):
         raise AssertionError("training must not start")
 
 
-def fit(tmp_path: Path, module: pl.LightningModule, callbacks: list, max_steps: int = 2) -> None:
-    data = DataLoader(list(torch.randint(2, 40, (8, 12), generator=torch.Generator().manual_seed(0))), batch_size=2)
+def fit(
+    tmp_path: Path, module: pl.LightningModule, callbacks: list, max_steps: int = 2, validate_every: int | None = None
+) -> None:
+    """Fit on 8 sequences (12 with validation, then one batch of them validated every ``validate_every`` steps)."""
+    count = 8 if validate_every is None else 12
+    data = DataLoader(list(torch.randint(2, 40, (count, 12), generator=torch.Generator().manual_seed(0))), batch_size=2)
+    validation = {} if validate_every is None else {"val_check_interval": validate_every, "limit_val_batches": 1}
     pl.Trainer(
         default_root_dir=tmp_path,
         max_steps=max_steps,
@@ -53,7 +58,9 @@ def fit(tmp_path: Path, module: pl.LightningModule, callbacks: list, max_steps: 
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-    ).fit(module, data)
+        num_sanity_val_steps=0,
+        **validation,
+    ).fit(module, data, None if validate_every is None else data)
 
 
 def test_a_tokenizer_kept_as_self_tok_is_found_by_both_callbacks(tmp_path, tiny_tokenizer, tiny_pairs):
@@ -179,21 +186,7 @@ def test_probe_on_validation_end_probes_after_each_validation(tmp_path, tiny_tok
         log_figures=False,
         on_validation_end=on_validation_end,
     )
-    data = DataLoader(list(torch.randint(2, 40, (12, 12), generator=torch.Generator().manual_seed(0))), batch_size=2)
-    pl.Trainer(
-        default_root_dir=tmp_path,
-        max_steps=6,
-        val_check_interval=2,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        callbacks=[reference, monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    ).fit(module, data, data)
+    fit(tmp_path, module, [reference, monitor], max_steps=6, validate_every=2)
     assert sorted(reference.seen) == [2, 4, 6]
     steps = [int(h["step"]) for h in monitor.history]
     assert steps == ([0, 2, 4, 6] if on_validation_end else [0, 6])
