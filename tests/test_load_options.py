@@ -141,3 +141,14 @@ def test_cli_bad_device_map_exits_2_with_one_line(
     assert code == 2 and loaded == []
     assert err.count("\n") == 1 and err.startswith("error: --device/--dtype/--device-map:") and message in err
     assert not (tmp_path / "audit").exists()
+
+
+def test_a_device_map_naming_a_module_the_model_lacks_is_refused(monkeypatch, tmp_path, tiny_pairs, folder, capsys):
+    """transformers would ignore the unknown name and load the whole model on the CPU: a typo must not pass."""
+    with pytest.raises(dipreg.ModelLoadError, match=r"does not have: model\.layer\.0\. Use names"):
+        load_model(folder, device_map={"model.layer.0": "cpu"})
+    (tmp_path / "map.json").write_text(json.dumps({**half_on_disk(), "model.nrom": "cpu"}))
+    code, loaded = run_audit(monkeypatch, tmp_path, tiny_pairs, folder, "--device-map", str(tmp_path / "map.json"))
+    err = capsys.readouterr().err  # after transformers' own loading bar: the model loads before the check
+    assert code == 2 and loaded == [] and err.count("error:") == 1
+    assert err.splitlines()[-1].startswith("error: device_map names module(s)") and "model.nrom" in err
