@@ -17,7 +17,7 @@ from dipreg.lenses.tuned import resolve_lens_path
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.models import load_model
 from dipreg.plots import family_trajectory_figure, lens_comparison_figure, save_figure
-from dipreg.prompting import PromptFormat
+from dipreg.prompting import DEFAULT_AUDIT_PROMPT, PromptFormat
 from dipreg.stimuli import load_pairs
 from dipreg.trajectory import DEGENERATE_SHARE, Trajectories, degenerate_answer, trajectories_by_lens
 from dipreg.validation import validate_count, validate_window
@@ -25,7 +25,6 @@ from dipreg.validation import validate_count, validate_window
 #: The prompt style `dipreg audit` uses unless told: the one on which the default model is least degenerate.
 #: `dipreg prompt-styles` on the default model, core set, logit lens: strict accuracy raw 0.043, chat 0.000 (every
 #: context answered t_neg), fewshot 0.086 (t_pos / t_neg shares 0.565 / 0.435); see README "dipreg audit".
-DEFAULT_AUDIT_PROMPT = "fewshot"
 
 #: Columns of :func:`summary_table` after ``subset`` and ``n``, with the summary key each shows.
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (

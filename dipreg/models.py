@@ -342,6 +342,14 @@ def load_model(
             f"Could not load model {str(source)!r}: {_one_line(err)}. Pass a local path or a name in the HF cache "
             "(no hub is reachable offline), or omit --model for the embedded default."
         ) from err
+    if isinstance(device_map, dict):
+        # transformers ignores a key that names no module: a typo would load the model somewhere else, silently.
+        unknown = sorted(set(device_map) - {name for name, _ in model.named_modules()})
+        if unknown:
+            raise ModelLoadError(
+                f"device_map names module(s) that {type(model).__name__} does not have: {', '.join(unknown)}. Use "
+                "names from model.named_modules() (e.g. model.embed_tokens, model.layers.0, lm_head)."
+            )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if target is not None:

@@ -20,6 +20,8 @@ from dipreg.stimuli import MinimalPair, StimulusError
 from dipreg.validation import validate_count
 
 PromptStyle = Literal["auto", "raw", "chat", "fewshot"]
+#: The style ``dipreg audit`` renders contexts in unless told otherwise (and the in-domain tuned-lens corpus with it).
+DEFAULT_AUDIT_PROMPT: PromptStyle = "fewshot"
 #: Every style; ``fewshot`` needs the whole pair set (:meth:`PromptFormat.render_pairs`).
 PROMPT_STYLES: tuple[str, ...] = ("auto", "raw", "chat", "fewshot")
 #: The styles that render one context on its own (vignette readouts, generation).

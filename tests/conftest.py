@@ -3,6 +3,7 @@ tokenizer for them, hand-made minimal pairs, and (session-scoped) the real embed
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -115,6 +116,44 @@ def _tiny_config(arch: str):
     raise ValueError(arch)
 
 
+def requires_extra(module: str, extra: str) -> pytest.MarkDecorator:
+    """The one skip policy for optional packages: a ``skipif`` mark that skips a test needing ``module`` when it is
+    not installed, with the install line of the extra that brings it (``needs the quant extra: pip install
+    'dipreg[quant]'``). A test of what happens WITHOUT the package does not use it: it simulates the absence.
+
+    Example:
+        >>> @requires_extra("bitsandbytes", "quant")  # doctest: +SKIP
+        ... def test_nf4(): ...
+    """
+    return pytest.mark.skipif(
+        importlib.util.find_spec(module) is None, reason=f"needs the {extra} extra: pip install 'dipreg[{extra}]'"
+    )
+
+
+def saved_figures(monkeypatch: pytest.MonkeyPatch, *modules: Any) -> dict[str, Any]:
+    """Spy on ``save_figure`` as each of ``modules`` imported it: the returned dict fills, as the code under test
+    saves, with file name -> the matplotlib ``Figure`` it saved, so a test reads the plotted data back (line and
+    bar values) instead of trusting a file size. Pair with :func:`assert_png_of`."""
+    saved: dict[str, Any] = {}
+    for module in modules:
+
+        def spy(fig: Any, path: Any, real: Any = module.save_figure) -> Any:
+            saved[Path(path).name] = fig
+            return real(fig, path)
+
+        monkeypatch.setattr(module, "save_figure", spy)
+    return saved
+
+
+def assert_png_of(path: Path, fig: Any, dpi: int = 120) -> None:
+    """``path`` is a PNG of ``fig``: its pixel size is the figure's size in inches times ``dpi``."""
+    from matplotlib.image import imread
+
+    height, width = imread(path).shape[:2]
+    want_width, want_height = (fig.get_size_inches() * dpi).round().astype(int)
+    assert (width, height) == (want_width, want_height), f"{path.name}: {width}x{height} pixels"
+
+
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "gpt2", "gpt_neox")
 
 
@@ -222,7 +261,7 @@ def _start_two_ranks() -> tuple[Path, Any]:
     from tests import sharded_run
 
     BACKGROUND_DIRS.append(Path(tempfile.mkdtemp(prefix="dipreg-two-ranks-")))
-    return BACKGROUND_DIRS[-1], sharded_run.start(list(sharded_run.STRATEGIES), BACKGROUND_DIRS[-1])
+    return BACKGROUND_DIRS[-1], sharded_run.start(list(sharded_run.JOBS), BACKGROUND_DIRS[-1])
 
 
 BACKGROUND_STARTERS = {"fresh_interpreter": _start_fresh_interpreter, "two_ranks": _start_two_ranks}
@@ -266,7 +305,7 @@ def fresh_interpreter() -> dict[str, str | None]:
 @pytest.fixture(scope="session")
 def two_ranks() -> Path:
     """``tests/test_sharded_probe.py``'s two-process run of ``tests/sharded_run.py`` (each rank fits DDP, then
-    FSDP2): the folder holding ``<strategy>/rank<r>.json``."""
+    FSDP2, then the ``health`` DDP fit): the folder holding ``<job>/rank<r>.json``."""
     from tests import sharded_run
 
     out, ranks = background("two_ranks")

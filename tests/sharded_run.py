@@ -4,10 +4,11 @@ what each rank's probe did. Run by ``tests/test_sharded_probe.py``: in-process f
 set, so Lightning launches no process of its own): each rank fits once per strategy, in order, in the one process
 group the first fit sets up, so the two strategies cost one interpreter start and one group per rank.
 
-Each rank writes ``OUT/<strategy>/rank<r>.json`` (``OUT/rank<r>.json`` for :func:`run` called directly): per
-probe, the ids of the pairs it measured and the batch rows of every backbone forward it ran (a forward pre-hook
-counts them); its monitor history; and the retention scalars of the final weights with its shard checksum before
-and after.
+A last job, ``health``, fits under DDP with :class:`~dipreg.callbacks.TrainingHealth` while one rank's loss turns
+NaN (:func:`run_health`). Each rank writes ``OUT/<strategy>/rank<r>.json`` (``OUT/rank<r>.json`` for :func:`run`
+called directly): per probe, the ids of the pairs it measured and the batch rows of every backbone forward it ran
+(a forward pre-hook counts them); its monitor history; and the retention scalars of the final weights with its shard
+checksum before and after.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_model, tiny_tokenizer
 
 from dipreg.adapter import ModelAdapter
-from dipreg.callbacks import CompressionRetention, DipMonitor
+from dipreg.callbacks import CompressionRetention, DipMonitor, TrainingHealth
 from dipreg.callbacks.probe import find_hf_model
 from dipreg.callbacks.sharding import local_checksum
 from dipreg.stimuli import MinimalPair
@@ -60,6 +61,10 @@ PAIRS = [
 RETENTION_OPS = "late_svd:rank=4,rtn:bits=3"
 #: The strategies the two-process test runs, in this order, in one launch.
 STRATEGIES = ("ddp", "fsdp2")
+#: After them, in the same launch: a DDP fit whose loss turns non-finite on one rank (see :func:`run_health`).
+JOBS = (*STRATEGIES, "health")
+#: The rank whose loss :func:`run_health` makes NaN, and the (1-based) optimizer step whose batch it spoils.
+NAN_RANK, NAN_STEP = 1, 3
 
 
 class ShardableLoRAModule(pl.LightningModule):
@@ -156,6 +161,48 @@ def run(out: Path, strategy: str, devices: int, *, lr: float = 0.5, max_steps: i
     trainer.fit(ShardableLoRAModule(lr), DataLoader(list(data), batch_size=4 // devices))
 
 
+class NaNOnOneRank(ShardableLoRAModule):
+    """Rank :data:`NAN_RANK` returns a NaN loss for the batch of optimizer step :data:`NAN_STEP`; counts its steps."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.1)
+        self.training_steps = 0
+
+    def training_step(self, batch, batch_idx):
+        self.training_steps += 1
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == NAN_RANK and self.trainer.global_step + 1 == NAN_STEP:
+            loss = loss * float("nan")
+        return loss
+
+
+def run_health(out: Path, devices: int) -> None:
+    """A DDP fit of up to 8 steps with :class:`TrainingHealth` attached; each rank writes ``out/rank<r>.json``: the
+    error that stopped it (type and message), its optimizer step count then, and how many batches it trained."""
+    module = NaNOnOneRank()
+    trainer = pl.Trainer(
+        default_root_dir=out,
+        max_steps=8,
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp",
+        logger=False,
+        callbacks=[TrainingHealth(diverged_steps=None)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    data = torch.randint(2, 40, (4, 12), generator=torch.Generator().manual_seed(0))
+    record: dict = {"error": None, "message": None}
+    try:
+        trainer.fit(module, DataLoader(list(data), batch_size=4 // devices))
+    except Exception as err:  # what stopped this rank, recorded for the test
+        record = {"error": type(err).__name__, "message": str(err)}
+    record |= {"global_step": trainer.global_step, "training_steps": module.training_steps}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
 def start(strategies: list[str], out: Path, world_size: int = 2) -> list[subprocess.Popen]:
     """Start this script once per rank (the environment ``torchrun`` would give each); :func:`finish` waits."""
     with socket.socket() as sock:  # a free port for the process group's rendezvous
@@ -183,4 +230,7 @@ def finish(ranks: list[subprocess.Popen], timeout: float = 300) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     for name in sys.argv[1].split(","):
-        run(Path(sys.argv[2]) / name, name, 2)
+        if name == "health":
+            run_health(Path(sys.argv[2]) / name, 2)
+        else:
+            run(Path(sys.argv[2]) / name, name, 2)

@@ -408,3 +408,42 @@ def test_arms_resume_after_a_unit_that_raised_midway_redoes_only_that_unit(tmp_p
     assert sorted(fake.evals) == ["late_only/seed0", "output_only/seed0"], "untrained is not evaluated again"
     assert [row["arm"] for row in result["tables"]["table3"]] == ["untrained", "output_only", "late_only"]
     assert json.loads((late / TRAIN_DONE).read_text())["steps"] == 4
+
+
+def test_report_completed_covers_every_invocation_that_shared_the_out_folder(tmp_path, monkeypatch):
+    """Two ``dipreg arms`` invocations into one ``--out``, seed 0 then seed 1: the second one's own report covers
+    seed 1 only; ``report_completed`` covers both seeds, each McNemar count recounted here from the two arms'
+    per-item results in that seed's eval.json files."""
+    FakeArms(monkeypatch)
+    out = tmp_path / "arms"
+    console = Console(file=io.StringIO(), width=400)
+    arms = ["output_only", "late_only"]
+    for seed in (0, 1):
+        second = arms_runner.run_arms(None, arms, seeds=[seed], quick=True, out=out, console=console)
+    assert {t["seed"] for row in second["tables"]["table4"] for t in row["mcnemar_vs_output_only"]["late_only"]} == {1}
+    combined = arms_runner.report_completed(out, console=console)
+    assert [row["arm"] for row in combined["tables"]["table3"]] == ["untrained", *arms]
+    assert [len(row["accuracy"]["values"]) for row in combined["tables"]["table3"][1:]] == [2, 2]
+
+    def correct(arm: str, seed: int, condition: str) -> list[bool]:
+        record = json.loads((out / "runs" / arm / f"seed{seed}" / EVAL_DONE).read_text())
+        return record["conditions"][condition]["correct"]
+
+    counted = 0
+    for row in combined["tables"]["table4"]:
+        tests = row["mcnemar_vs_output_only"]["late_only"]
+        assert [t["seed"] for t in tests] == [0, 1]
+        for test in tests:
+            ref, arm = (
+                correct("output_only", test["seed"], row["condition"]),
+                correct("late_only", test["seed"], row["condition"]),
+            )
+            only_ref = sum(r and not a for r, a in zip(ref, arm, strict=True))
+            only_arm = sum(a and not r for r, a in zip(ref, arm, strict=True))
+            assert sorted((test["b"], test["c"])) == sorted((only_ref, only_arm))
+            counted += only_ref + only_arm
+    assert counted > 0, "the fake evaluations must disagree somewhere for the counts to mean anything"
+    written = json.loads((out / "arms.json").read_text())["tables"]["table4"]
+    assert [[t["seed"] for t in row["mcnemar_vs_output_only"]["late_only"]] for row in written] == [[0, 1]] * len(
+        written
+    )

@@ -10,7 +10,7 @@ import pytest
 from dipreg.eval.arms.plan import ARM_RECIPES, DEFAULT_ARMS, ArmSpec, build_arms
 from dipreg.eval.arms.report import build_tables
 from dipreg.eval.arms.stats import arm_table, causal_table, lens_shaped_reasons, lens_shaped_repair
-from dipreg.losses import CausalMarginHinge, TunedMarginHinge
+from dipreg.losses import CausalMarginHinge, TunedMarginHinge, WrongMarginHinge
 from dipreg.recipes import RECIPES, load_recipe
 
 
@@ -57,8 +57,10 @@ def test_new_recipes_match_dip_reg_except_the_hinge(name, cls):
         k: v for k, v in base["model"].items() if k != "aux_losses"
     }
     (spec,) = recipe["model"]["aux_losses"]
-    hinge = cls(**spec["init_args"])
-    assert (hinge.weight, hinge.window, hinge.delta) == (0.2, (0.30, 0.85), 0.0)
+    (base_spec,) = base["model"]["aux_losses"]
+    hinge, base_hinge = cls(**spec["init_args"]), WrongMarginHinge(**base_spec["init_args"])
+    # the same λ, window and margin as dip_reg's logit hinge, as built (not as written in the recipe)
+    assert (hinge.weight, hinge.window, hinge.delta) == (base_hinge.weight, base_hinge.window, base_hinge.delta)
 
 
 def _eval(logit_dip, causal_dip, rho, sign=0.8):

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import assert_png_of
 from rich.console import Console
 
 import dipreg.audit as audit_module
@@ -166,7 +167,8 @@ def test_trajectory_figure_titles_name_model_pairs_lens_and_n(tmp_path):
     assert plain.axes[0].get_title() == "logit lens · n=2"
     save_figure(fig, tmp_path / "a.png")
     save_figure(plain, tmp_path / "b.png")
-    assert (tmp_path / "a.png").stat().st_size > 0
+    assert_png_of(tmp_path / "a.png", fig)
+    assert_png_of(tmp_path / "b.png", plain)
 
 
 def test_aligned_band_is_the_inter_quartile_range_across_items():

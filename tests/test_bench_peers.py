@@ -9,9 +9,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from conftest import requires_extra
 
 from dipreg.adapter import ModelAdapter
 from dipreg.bench import peers as bench_peers
@@ -25,10 +28,25 @@ from dipreg.stimuli import save_pairs
 PEERS = ("transformer_lens", "nnsight", "nnterp")
 
 
-def needs(tool: str) -> None:
-    """Skip the calling test when ``tool`` cannot be imported."""
-    for package in TOOLS[tool].packages:
-        pytest.importorskip(package)
+def peer_marks(*tools: str) -> list[pytest.MarkDecorator]:
+    """:func:`requires_extra` marks for every package of ``tools`` (all from the ``peers`` extra)."""
+    return [requires_extra(package, "peers") for tool in tools for package in TOOLS[tool].packages]
+
+
+def needs(*tools: str) -> Callable[[Callable], Callable]:
+    """Decorator: skip the test when a package of ``tools`` is not installed (the suite's one skip policy)."""
+
+    def mark(test: Callable) -> Callable:
+        for each in peer_marks(*tools):
+            test = each(test)
+        return test
+
+    return mark
+
+
+def tools_param(*tools: str) -> list[Any]:
+    """``tools`` as parameters, each skipped when its packages are not installed."""
+    return [pytest.param(tool, marks=peer_marks(tool)) for tool in tools]
 
 
 @torch.no_grad()
@@ -82,9 +100,8 @@ def test_peer_inputs_are_dipregs_tokens_left_padded(inputs, tiny_tokenizer, tiny
     assert sorted(seen) == list(range(2 * len(tiny_pairs)))
 
 
-@pytest.mark.parametrize("tool", ("dipreg", *PEERS))
+@pytest.mark.parametrize("tool", tools_param("dipreg", *PEERS))
 def test_logit_lens_of_every_tool_equals_the_full_vocabulary_reference(tool, llama_tiny, tiny_tokenizer, inputs):
-    needs(tool)
     reference = reference_logit_margins(llama_tiny, inputs)
     assert reference.abs().max() > 1e-2, "margins too close to zero for the comparison to mean anything"
     margins = TOOLS[tool].build(llama_tiny, tiny_tokenizer, inputs).margins("logit")
@@ -92,22 +109,21 @@ def test_logit_lens_of_every_tool_equals_the_full_vocabulary_reference(tool, lla
     torch.testing.assert_close(margins, reference, atol=1e-4 if tool == "nnterp" else 2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("tool", ("dipreg", "nnterp"))
+@pytest.mark.parametrize("tool", tools_param("dipreg", "nnterp"))
 def test_causal_lens_equals_the_naive_transplant(tool, llama_tiny, tiny_tokenizer, inputs):
-    needs(tool)
     reference = reference_causal_margins(llama_tiny, tiny_tokenizer, inputs)
     assert reference.abs().max() > 1e-2
     margins = TOOLS[tool].build(llama_tiny, tiny_tokenizer, inputs).margins("causal")
     torch.testing.assert_close(margins, reference, atol=1e-4, rtol=0)
 
 
+@needs("transformer_lens")
 def test_transformer_lens_reuses_the_final_norm_scale_only_outside_accumulated_resid(
     llama_tiny, tiny_tokenizer, inputs
 ):
     """TransformerLens #1076: ``accumulated_resid(apply_ln=True)`` used the final norm's cached scale at every layer.
     4.3 recomputes it there (the test above), but ``apply_ln_to_stack`` still defaults to the cached scale: its
     intermediate layers disagree with the logit lens while its last layer, whose scale it is, agrees."""
-    needs("transformer_lens")
     runner = TOOLS["transformer_lens"].build(llama_tiny, tiny_tokenizer, inputs)
     (batch, *_) = inputs.batches
     with torch.no_grad():
@@ -149,10 +165,10 @@ def _fake_memory(ctx, inputs, keys):
     }
 
 
+@needs("nnsight")
 def test_a_peer_that_cannot_be_imported_is_skipped_and_the_others_run(
     monkeypatch, llama_tiny, tiny_tokenizer, tiny_pairs, capsys
 ):
-    needs("nnsight")
     broken = peers_tools.PeerTool("transformer_lens", (), ("logit",), "dipreg.bench.no_such_module:Runner")
     monkeypatch.setitem(TOOLS, "transformer_lens", broken)
     monkeypatch.setitem(TOOLS, "nnterp", peers_tools.PeerTool("nnterp", ("no_such_package_xyz",), ("logit",), ""))
@@ -165,11 +181,10 @@ def test_a_peer_that_cannot_be_imported_is_skipped_and_the_others_run(
     assert tools == {"dipreg", "nnsight"}
 
 
+@needs(*PEERS)
 def test_bench_json_holds_each_ratio_as_the_ratio_of_the_numbers_it_reports(
     monkeypatch, tmp_path, llama_tiny, tiny_tokenizer, tiny_pairs
 ):
-    for tool in PEERS:
-        needs(tool)
     llama_tiny.save_pretrained(tmp_path / "model")
     tiny_tokenizer.save_pretrained(tmp_path / "model")
     save_pairs(tiny_pairs[:2], tmp_path / "pairs.jsonl")

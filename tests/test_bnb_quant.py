@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, requires_extra
 from scipy.stats import norm
 
 from dipreg.cli import main
 from dipreg.eval import DegradeError, degrade, parse_ops, state_checksum
 from dipreg.eval.degradation import quantize
 
-pytest.importorskip("bitsandbytes")
+#: The tests that run bitsandbytes; the one of its absence simulates it and runs whether it is installed or not.
+needs_bitsandbytes = requires_extra("bitsandbytes", "quant")
 
 NF4_OFFSET = 0.9677083  # QLoRA's offset: the outermost quantiles are those of 1 - offset and offset
 
@@ -61,16 +62,19 @@ def weights() -> list[torch.Tensor]:
     return [torch.randn(64, 576), ragged, zero_block, outlier]
 
 
+@needs_bitsandbytes
 def test_nf4_levels_of_bitsandbytes_are_the_written_out_ones_bit_for_bit():
     assert torch.equal(quantize.nf4_code(), reference_nf4_levels())
 
 
+@needs_bitsandbytes
 @pytest.mark.parametrize("block_size", [64, 32, 128])
 def test_nf4_equals_the_written_out_reference_bit_for_bit(block_size):
     for w in weights():
         assert torch.equal(quantize.nf4(w, block_size), reference_nf4(w, block_size)), (tuple(w.shape), block_size)
 
 
+@needs_bitsandbytes
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_weights_are_scaled_in_float32_and_rounded_back(dtype):
     w = weights()[0].to(dtype)
@@ -78,6 +82,7 @@ def test_half_precision_weights_are_scaled_in_float32_and_rounded_back(dtype):
     assert got.dtype == dtype and torch.equal(got, reference_nf4(w.float()).to(dtype))
 
 
+@needs_bitsandbytes
 def test_int8_rounds_each_row_on_its_absmax_grid():
     for w in weights():
         got = quantize.int8(w)
@@ -91,6 +96,7 @@ def test_int8_rounds_each_row_on_its_absmax_grid():
         assert torch.equal(got[absmax == 0], torch.zeros_like(got[absmax == 0]))
 
 
+@needs_bitsandbytes
 def test_degrade_operators_write_the_reference_weights_and_restore_them():
     model = make_tiny_model("llama")
     before = state_checksum(model)
@@ -110,6 +116,7 @@ def test_degrade_operators_write_the_reference_weights_and_restore_them():
         assert state_checksum(model) == before
 
 
+@needs_bitsandbytes
 def test_nf4_block_size_outside_bitsandbytes_is_refused_before_anything_runs():
     with pytest.raises(DegradeError, match=r"nf4: block_size=48 is not one bitsandbytes supports; use one of 32, 64"):
         parse_ops("nf4:block_size=48")
@@ -126,3 +133,7 @@ def test_without_bitsandbytes_the_operators_name_the_extra(monkeypatch, tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'dipreg[quant]'" in err
     assert not out.exists()  # refused before the output folder and the model
+
+
+def test_the_skip_without_the_extra_gives_the_install_line_the_operators_print():
+    assert needs_bitsandbytes.kwargs["reason"] == f"needs the quant extra: {quantize.QUANT_EXTRA}"

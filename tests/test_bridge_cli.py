@@ -4,18 +4,21 @@ errors on bad input before any model is loaded."""
 import json
 
 import pytest
+from conftest import assert_png_of, saved_figures
 
 from dipreg.cli import main
 from dipreg.eval import state_checksum
+from dipreg.eval.readouts import bridge
 
 
 @pytest.mark.integration
-def test_bridge_end_to_end_writes_json_figure_and_leaves_the_model_intact(tmp_path, default_model):
+def test_bridge_end_to_end_writes_json_figure_and_leaves_the_model_intact(tmp_path, default_model, monkeypatch):
     model, _tok = default_model
     checksum = state_checksum(model)
     out = tmp_path / "bridge"
     args = ["bridge", "--limit", "4", "--readouts", "label,semantic,constrained,free", "--ops", "deprive:alpha=0"]
     args += ["--interventions", "synonym", "--max-new-tokens", "4", "--out", str(out)]
+    figures = saved_figures(monkeypatch, bridge)
     assert main(args) == 0
     payload = json.loads((out / "bridge.json").read_text())
     assert payload["num_vignettes"] == 4 and payload["num_layers"] == 30 and payload["prompt"] == "chat"
@@ -39,7 +42,12 @@ def test_bridge_end_to_end_writes_json_figure_and_leaves_the_model_intact(tmp_pa
             assert result["accuracy"] == pytest.approx(sum(after) / 4)
             assert set(result["stratification"]) == {"semantic_dip", "label_dip", "semantic_margin"}
     assert payload["operators"]["deprive:alpha=0"]["operator"]["layers"] == [25, 26, 27, 28, 29]
-    assert (out / "bridge.png").stat().st_size > 10_000
+    # bridge.png panel (a): per readout a pair-accuracy bar, then per readout a strict-accuracy bar, from the JSON
+    clean_panel = figures["bridge.png"].axes[0]
+    heights = [bar.get_height() for bar in clean_panel.patches]
+    want = [clean[r]["accuracy"] for r in clean] + [clean[r]["strict_accuracy"] for r in clean]
+    assert heights == pytest.approx(want)
+    assert_png_of(out / "bridge.png", figures["bridge.png"])
     assert state_checksum(model) == checksum  # the session's shared model was never changed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -18,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader
 
 from dipreg.callbacks import CompressionRetention, DipMonitor, MonitorSetupError
+from dipreg.cli import main
 from dipreg.eval.degradation.ledger import state_checksum
 from dipreg.stimuli import MinimalPair, StimulusError, save_pairs
 
@@ -143,30 +145,66 @@ def test_bad_monitor_arguments_are_rejected_at_construction():
         CompressionRetention("core", on="epoch")  # type: ignore[arg-type]
 
 
-def test_compression_retention_restores_weights_and_matches_dipreg_degrade(tmp_path, tiny_tokenizer, tiny_pairs):
-    from dipreg.eval.degradation.report import run_degrade
+def retention_pairs() -> list[MinimalPair]:
+    """24 pairs in the tiny vocabulary: enough items that the tiny model gets some right, a degradation flips some,
+    and the dip tertiles and the Mann-Whitney test have values (4 pairs leave them empty or NaN)."""
+    subjects = ("Alice", "Bob", "the cat", "the dog")
+    words = (("good", "bad"), ("right", "wrong"), ("hot", "cold"))
+    answers = ((" Yes", " No"), (" True", " False"))
+    return [
+        MinimalPair(
+            id=f"r{i}",
+            ctx_a=f"{subject} is {a} . is it {a} ? Answer :",
+            ctx_b=f"{subject} is {b} . is it {a} ? Answer :",
+            t_pos=pos,
+            t_neg=neg,
+            family="value_flip" if i % 2 else "negation",
+            safety=i % 3 == 0,
+        )
+        for i, (subject, (a, b), (pos, neg)) in enumerate(itertools.product(subjects, words, answers))
+    ]
 
-    ops = "late_svd:rank=4,rtn:bits=3"
-    retention = CompressionRetention(tiny_pairs, ops, on="checkpoint", prompt="raw")
+
+#: The five scalars CompressionRetention logs per degradation, and where ``dipreg degrade`` writes each in its JSON.
+RETENTION_SCALARS = {
+    "accuracy": lambda result: result["accuracy"],
+    "flips": lambda result: result["n_flips"],
+    "dip_high_flip_rate": lambda result: result["stratification"]["dip"]["high_tertile_flip_rate"],
+    "dip_low_flip_rate": lambda result: result["stratification"]["dip"]["low_tertile_flip_rate"],
+    "dip_mw_p": lambda result: result["stratification"]["dip"]["mw_p"],
+}
+
+
+def test_compression_retention_logs_what_dipreg_degrade_writes_and_restores_the_weights(tmp_path, tiny_tokenizer):
+    """The scalars the callback logged to TensorBoard at a checkpoint equal the JSON of the ``dipreg degrade`` command
+    run on that checkpoint's weights (saved, reloaded by the CLI) and the same pairs file; the JSON's flip counts are
+    recounted from its own per-item lists."""
+    pairs, ops = retention_pairs(), "late_svd:rank=2,rtn:bits=3"
+    retention = CompressionRetention(pairs, ops, on="checkpoint", prompt="raw")
     module = UserLoRAModule(tiny_tokenizer, lora=False)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    trainer(tmp_path, 4, [retention, ckpt]).fit(module, token_batches())
-    assert [int(h["step"]) for h in retention.history] == [2, 4]
+    trainer(tmp_path, 2, [retention, ckpt]).fit(module, token_batches())
+    events = read_events(tmp_path / "tb" / "version_0")
+    logged = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"] if tag.startswith("retention/")}
+    assert {len(values) for values in logged.values()} == {1} and logged, "one evaluation, at step 2"
     before = state_checksum(module.net)
     again = retention.evaluate(module)
-    assert state_checksum(module.net) == before
     assert again == pytest.approx({k: v for k, v in retention.history[-1].items() if k != "step"}, nan_ok=True)
-    # the same checkpoint through the `dipreg degrade` code path
+    assert state_checksum(module.net) == before
     module.net.save_pretrained(tmp_path / "model")
     tiny_tokenizer.save_pretrained(tmp_path / "model")
-    save_pairs(tiny_pairs, tmp_path / "pairs.jsonl")
-    report = run_degrade(
-        str(tmp_path / "model"), str(tmp_path / "pairs.jsonl"), ops, tmp_path / "degrade", prompt="raw"
-    )
-    for label in ("late_svd:rank=4", "rtn:bits=3"):
-        assert retention.history[-1][f"retention/{label}/accuracy"] == pytest.approx(
-            report["operators"][label]["accuracy"]
-        )
+    save_pairs(pairs, tmp_path / "pairs.jsonl")
+    argv = ["degrade", "--model", str(tmp_path / "model"), "--pairs", str(tmp_path / "pairs.jsonl"), "--ops", ops]
+    assert main([*argv, "--prompt", "raw", "--out", str(tmp_path / "degrade")]) == 0
+    report = json.loads((tmp_path / "degrade" / "degrade.json").read_text())
+    intact = report["intact"]["items"]["correct"]
+    want = {"retention/intact_accuracy": report["intact"]["summary"]["all"]["accuracy"]}
+    for label, result in report["operators"].items():
+        flips = [a and not b for a, b in zip(intact, result["items"]["correct"], strict=True)]
+        assert result["n_flips"] == sum(flips) > 0
+        want |= {f"retention/{label}/{name}": read(result) for name, read in RETENTION_SCALARS.items()}
+    assert all(math.isfinite(v) for v in want.values()), want
+    assert {tag: values[0].value for tag, values in logged.items()} == pytest.approx(want, abs=1e-6)
 
 
 def test_monitor_and_retention_ride_along_a_dip_regularised_fit(tmp_path, tiny_tokenizer, tiny_pairs):

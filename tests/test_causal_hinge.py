@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+
 import pytest
 import torch
 
@@ -128,6 +131,24 @@ def test_layer_sampling_is_seeded_distinct_and_inside_the_window():
     assert all(len(set(d)) == 3 and set(d) <= set(layers) and d == sorted(d) for d in draws)
     assert len({tuple(d) for d in draws}) > 1  # a new draw every step
     assert CausalMarginHinge(layers_per_step=5).sample_layers([2, 3]) == [2, 3]
+
+
+def test_sampled_layers_are_uniform_over_the_window_and_follow_the_runs_seed():
+    """Every window layer is drawn with probability k/n (3000 draws of 3 of 17 layers: each count within 6 sd of
+    3000·3/17), and without a seed of its own the hinge follows the run's seed (``seed_everything``)."""
+    layers = list(range(9, 26))
+    hinge = CausalMarginHinge(layers_per_step=3, seed=0)
+    counts = Counter(layer for _ in range(3000) for layer in hinge.sample_layers(layers))
+    p = 3 / len(layers)
+    assert set(counts) == set(layers)
+    assert all(abs(counts[layer] - 3000 * p) < 6 * math.sqrt(3000 * p * (1 - p)) for layer in layers), counts
+
+    def first_draws(run_seed: int) -> list[list[int]]:
+        torch.manual_seed(run_seed)
+        unseeded = CausalMarginHinge(layers_per_step=3)
+        return [unseeded.sample_layers(layers) for _ in range(5)]
+
+    assert first_draws(11) == first_draws(11) != first_draws(12)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [({"layers_per_step": 0}, "layers_per_step"), ({"seed": -1}, "seed")])

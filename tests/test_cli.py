@@ -1,15 +1,21 @@
 """The `dipreg` console script: audit end to end on the real default model, and clear errors on bad input."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+from conftest import assert_png_of, saved_figures
 
+import dipreg.audit as audit_module
 from dipreg.cli import main
 
 
 @pytest.mark.integration
-def test_audit_end_to_end_writes_json_and_figure(tmp_path, default_model):
+def test_audit_end_to_end_writes_json_and_figure(tmp_path, default_model, monkeypatch):
     """The audit of a pairs file (every 7th core pair: 40 pairs of all three families) on the real model, at its
     default prompt style; the summary is recomputed from the items."""
     from dipreg.stimuli import load_pairs, save_pairs
@@ -18,6 +24,7 @@ def test_audit_end_to_end_writes_json_and_figure(tmp_path, default_model):
     save_pairs(subset, tmp_path / "pairs.jsonl")
     n = len(subset)
     out = tmp_path / "audit"
+    figures = saved_figures(monkeypatch, audit_module)
     assert main(["audit", "--pairs", str(tmp_path / "pairs.jsonl"), "--out", str(out)]) == 0
     payload = json.loads((out / "audit.json").read_text())
     assert payload["num_pairs"] == n == 40 and payload["num_layers"] == 30
@@ -31,7 +38,16 @@ def test_audit_end_to_end_writes_json_and_figure(tmp_path, default_model):
     assert summary["all"]["mean_max_wrong_dip"] == pytest.approx(sum(it["max_wrong_dip"] for it in items) / n)
     assert summary["families"]["negation"]["n"] == sum(p.family == "negation" for p in subset)
     assert summary["safety"]["n"] == sum(it["safety"] for it in items) > 0
-    assert (out / "trajectories.png").stat().st_size > 10_000
+    # trajectories.png: per family a solid line (mean output-aligned DiD) and a dashed one (mean signed DiD)
+    (panel,) = figures["trajectories.png"].axes
+    lines = {line.get_label(): line for line in panel.lines}
+    for family in sorted({it["family"] for it in items}):
+        did = np.array([it["did"] for it in items if it["family"] == family])
+        line = lines[f"{family} (n={len(did)})"]
+        np.testing.assert_allclose(line.get_ydata(), (np.sign(did[:, -1:]) * did).mean(0), rtol=1e-5, atol=1e-6)
+        signed = next(ln for ln in panel.lines if ln.get_color() == line.get_color() and ln.get_linestyle() == "--")
+        np.testing.assert_allclose(signed.get_ydata(), did.mean(0), rtol=1e-5, atol=1e-6)
+    assert_png_of(out / "trajectories.png", figures["trajectories.png"])
 
 
 def test_missing_pairs_file_is_reported_with_its_name(tmp_path, capsys):
@@ -311,3 +327,40 @@ def test_fit_help_lists_the_health_options(capsys):
     assert exit_.value.code == 0
     text = capsys.readouterr().out
     assert "--health.diverged_steps" in text and "--health.tolerance" in text and "--heldout.sets" in text
+
+
+def missing_pairs_argv(tmp_path) -> list[str]:
+    return ["audit", "--pairs", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")]
+
+
+def test_debug_flag_shows_the_traceback_instead_of_one_line(tmp_path):
+    """The console script as a user runs it: with ``--debug`` before the command, the error ends the process with
+    Python's traceback, the exception on its last line."""
+    script = "import sys; from dipreg.cli import main; sys.exit(main())"
+    run = subprocess.run(
+        [sys.executable, "-c", script, "--debug", *missing_pairs_argv(tmp_path)],
+        env={**os.environ, "DIPREG_DEBUG": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith("Traceback (most recent call last):")
+    assert "nope.jsonl" in run.stderr.splitlines()[-1] and "error:" not in run.stderr
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_debug_environment_variable_lets_the_error_through(tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setenv("DIPREG_DEBUG", value)
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
+        main(missing_pairs_argv(tmp_path))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("value", ["0", ""])
+def test_without_debug_an_error_is_one_line(tmp_path, capsys, monkeypatch, value):
+    monkeypatch.setenv("DIPREG_DEBUG", value)
+    assert main(missing_pairs_argv(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "nope.jsonl" in err

@@ -2,16 +2,18 @@
 its name says (RTN vs an independent reference, NF4 table vs bitsandbytes, SVD rank, pruning, block dropping,
 deprivation); bad input gets clear errors."""
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHITECTURES, make_tiny_model
+from conftest import ARCHITECTURES, make_tiny_model, requires_extra
 from peft import LoraConfig, get_peft_model
 
 from dipreg.adapter import ModelAdapter
 from dipreg.eval import DegradeError, UnsupportedOperatorError, degrade, parse_ops, state_checksum
-from dipreg.eval.degradation.operators import range_layers, span_layers
-from dipreg.eval.degradation.quantize import nf4, nf4_code, rtn
+from dipreg.eval.degradation.operators import OPERATORS, range_layers, span_layers
+from dipreg.eval.degradation.quantize import BITSANDBYTES_OPS, nf4, nf4_code, rtn
 
 # Every operator, with parameters that fit the tiny model (width 32, intermediate 64, 8 blocks).
 ALL_OPS = [
@@ -29,6 +31,15 @@ ALL_OPS = [
     ("deprive", {"alpha": 0.0}),
     ("deprive", {"alpha": 0.5}),
 ]
+
+
+def needs_bitsandbytes(op: str, *values: object) -> Any:
+    """Parameter ``(op, *values)`` (or ``op`` alone), skipped without the quant extra when ``op`` runs through
+    bitsandbytes."""
+    marks = [requires_extra("bitsandbytes", "quant")] if op in BITSANDBYTES_OPS else []
+    return pytest.param(op, *values, marks=marks)
+
+
 IDS = [f"{op}-{'-'.join(f'{k}{v}' for k, v in p.items())}" for op, p in ALL_OPS]
 WEIGHT_OPS = {"rtn", "nf4", "int8", "late_svd", "mid_svd"}
 
@@ -58,7 +69,7 @@ def assert_identical(model, before):
         assert torch.equal(after[name], value), f"{name} changed"
 
 
-@pytest.mark.parametrize(("op", "params"), ALL_OPS, ids=IDS)
+@pytest.mark.parametrize(("op", "params"), [needs_bitsandbytes(op, params) for op, params in ALL_OPS], ids=IDS)
 def test_operator_changes_the_output_and_restores_every_parameter_and_buffer(model, ids, op, params):
     before, checksum = snapshot(model), state_checksum(model)
     with torch.no_grad():
@@ -72,7 +83,7 @@ def test_operator_changes_the_output_and_restores_every_parameter_and_buffer(mod
     assert torch.equal(restored, intact)
 
 
-@pytest.mark.parametrize(("op", "params"), ALL_OPS, ids=IDS)
+@pytest.mark.parametrize(("op", "params"), [needs_bitsandbytes(op, params) for op, params in ALL_OPS], ids=IDS)
 def test_operator_restores_the_model_when_the_body_raises(model, ids, op, params):
     before, checksum = snapshot(model), state_checksum(model)
     with pytest.raises(RuntimeError, match="boom"), degrade(model, op, **params):
@@ -82,7 +93,7 @@ def test_operator_restores_the_model_when_the_body_raises(model, ids, op, params
     assert state_checksum(model) == checksum
 
 
-@pytest.mark.parametrize(("op", "params"), ALL_OPS, ids=IDS)
+@pytest.mark.parametrize(("op", "params"), [needs_bitsandbytes(op, params) for op, params in ALL_OPS], ids=IDS)
 def test_copied_bytes_equal_the_changed_weights_and_no_other_storage_is_copied(model, op, params):
     before = snapshot(model)
     with degrade(model, op, **params) as report:
@@ -168,10 +179,12 @@ BITSANDBYTES_NF4 = [
 ]
 
 
+@requires_extra("bitsandbytes", "quant")
 def test_nf4_code_table_equals_bitsandbytes_constants():
     torch.testing.assert_close(nf4_code(), torch.tensor(BITSANDBYTES_NF4), rtol=0, atol=1e-7)
 
 
+@requires_extra("bitsandbytes", "quant")
 def test_nf4_snaps_each_block_of_64_to_the_nearest_scaled_level():
     torch.manual_seed(0)
     w = torch.randn(10, 40)  # 400 values: six full blocks and a ragged one
@@ -332,22 +345,20 @@ TINY_PARAMS = {"late_svd": {"rank": 2}, "mid_svd": {"rank": 2}, "rtn": {"bits": 
 WEIGHT_OPERATORS = {"rtn", "nf4", "int8", "late_svd", "mid_svd", "mid_prune"}
 
 
+@pytest.mark.parametrize("op", [needs_bitsandbytes(op) for op in OPERATORS])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_operator_degrades_and_restores_every_architecture_it_claims(arch, ids):
-    from dipreg.eval import OPERATORS
-
+def test_every_operator_degrades_and_restores_every_architecture_it_claims(arch, op, ids):
     tiny = make_tiny_model(arch)
     before, checksum = snapshot(tiny), state_checksum(tiny)
     with torch.no_grad():
         intact = tiny(input_ids=ids).logits
-        for op in OPERATORS:
-            if arch == "gpt2" and op in WEIGHT_OPERATORS:
-                with (
-                    pytest.raises(UnsupportedOperatorError, match="gpt2"),
-                    degrade(tiny, op, **TINY_PARAMS.get(op, {})),
-                ):
-                    pass
-                continue
+        if arch == "gpt2" and op in WEIGHT_OPERATORS:
+            with (
+                pytest.raises(UnsupportedOperatorError, match="gpt2"),
+                degrade(tiny, op, **TINY_PARAMS.get(op, {})),
+            ):
+                pass
+        else:
             with degrade(tiny, op, **TINY_PARAMS.get(op, {})):
                 assert not torch.equal(tiny(input_ids=ids).logits, intact), (arch, op)
     assert_identical(tiny, before)

@@ -11,9 +11,10 @@ import torch
 from scipy import stats as sps
 
 from dipreg.cli import main
+from dipreg.eval import ladder
 from dipreg.eval.ladder import parse_ladder, run_ladder, verdict
 from dipreg.stimuli.jsonl import save_pairs
-from tests.conftest import make_tiny_model
+from tests.conftest import assert_png_of, make_tiny_model, saved_figures
 
 
 @pytest.fixture
@@ -44,12 +45,19 @@ def test_verdict_uses_sign_and_significance():
     assert verdict(0.3, math.nan) == "null"
 
 
-def test_ladder_pairs_items_and_matches_scipy(saved_models, tmp_path):
+def test_ladder_pairs_items_and_matches_scipy(saved_models, tmp_path, monkeypatch):
     paths, pairs_file = saved_models
     spec = f"{paths['base']}:{paths['instruct']}"
+    figures = saved_figures(monkeypatch, ladder)
     payload = run_ladder(spec, pairs_file, tmp_path / "out", batch_size=2)
     saved = json.loads((tmp_path / "out" / "ladder.json").read_text())
-    assert (tmp_path / "out" / "ladder.png").stat().st_size > 0
+    # the figure plots the JSON's numbers: (a) one bar of Δ causal dip per pair, (b) Δ dip against commit depth
+    bars, taxonomy = figures["ladder.png"].axes
+    assert [bar.get_height() for bar in bars.patches] == pytest.approx([r["delta_causal_dip"] for r in saved["ladder"]])
+    points = np.concatenate([c.get_offsets() for c in taxonomy.collections])
+    expected = [[r["delta_causal_dip"], r["instruct_commit"]] for r in saved["ladder"]]
+    np.testing.assert_allclose(points, expected, rtol=1e-6)
+    assert_png_of(tmp_path / "out" / "ladder.png", figures["ladder.png"])
     row = saved["ladder"][0]
     base = np.array(saved["models"][paths["base"]]["causal_dip"])
     inst = np.array(saved["models"][paths["instruct"]]["causal_dip"])

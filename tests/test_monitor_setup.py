@@ -1,4 +1,5 @@
-"""Where DipMonitor and CompressionRetention find the tokenizer of a user's own LightningModule."""
+"""Where DipMonitor and CompressionRetention find the tokenizer (and the model) of a user's own LightningModule, and
+when the monitor probes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
+import dipreg
 from dipreg.callbacks import CompressionRetention, DipMonitor, DipProbe, MonitorSetupError
 from dipreg.callbacks.probe import resolve_tokenizer
 
@@ -39,8 +41,13 @@ class MustNotTrain(UserModule):
         raise AssertionError("training must not start")
 
 
-def fit(tmp_path: Path, module: pl.LightningModule, callbacks: list, max_steps: int = 2) -> None:
-    data = DataLoader(list(torch.randint(2, 40, (8, 12), generator=torch.Generator().manual_seed(0))), batch_size=2)
+def fit(
+    tmp_path: Path, module: pl.LightningModule, callbacks: list, max_steps: int = 2, validate_every: int | None = None
+) -> None:
+    """Fit on 8 sequences (12 with validation, then one batch of them validated every ``validate_every`` steps)."""
+    count = 8 if validate_every is None else 12
+    data = DataLoader(list(torch.randint(2, 40, (count, 12), generator=torch.Generator().manual_seed(0))), batch_size=2)
+    validation = {} if validate_every is None else {"val_check_interval": validate_every, "limit_val_batches": 1}
     pl.Trainer(
         default_root_dir=tmp_path,
         max_steps=max_steps,
@@ -51,7 +58,9 @@ def fit(tmp_path: Path, module: pl.LightningModule, callbacks: list, max_steps: 
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-    ).fit(module, data)
+        num_sanity_val_steps=0,
+        **validation,
+    ).fit(module, data, None if validate_every is None else data)
 
 
 def test_a_tokenizer_kept_as_self_tok_is_found_by_both_callbacks(tmp_path, tiny_tokenizer, tiny_pairs):
@@ -112,3 +121,76 @@ def test_a_model_built_from_a_config_says_it_has_no_path_to_load_from(tiny_token
     message = str(info.value)
     assert "UserModule.tokenizer (a str, not a PreTrainedTokenizerBase)" in message
     assert "skipped: the LlamaForCausalLM has an empty name_or_path" in message
+
+
+class TwoModels(UserModule):
+    """A module holding two HF models: the one it trains first (``net``, found first by the default search), and the
+    one a user wants probed under ``inner.student`` (never trained here)."""
+
+    def __init__(self, net: torch.nn.Module, student: torch.nn.Module, tokenizer) -> None:
+        super().__init__(net, tokenizer=tokenizer)
+        self.inner = torch.nn.Module()
+        self.inner.student = student
+
+
+def probe_scalars(model: torch.nn.Module, tokenizer, pairs) -> dict[str, float]:
+    """The monitor's overall logit-lens scalars recomputed from :func:`dipreg.trajectories` of ``model``."""
+    traj = dipreg.trajectories(model, tokenizer, pairs, prompt="raw")
+    return {
+        "dip/logit/accuracy": float(traj.correct.float().mean()),
+        "dip/logit/max_wrong_dip": float(traj.max_wrong_dip.double().mean()),
+        "dip/logit/commit_layer_frac": float(traj.commit_layer_frac.double().mean()),
+    }
+
+
+@pytest.mark.parametrize("where", ["inner.student", lambda module: module.inner.student], ids=["path", "getter"])
+def test_model_given_as_an_attribute_path_or_a_getter_is_the_one_probed(tmp_path, tiny_tokenizer, tiny_pairs, where):
+    student = make_tiny_model("llama", seed=0)
+    module = TwoModels(make_tiny_model("llama", seed=1), student, tiny_tokenizer)
+    want = probe_scalars(student, tiny_tokenizer, tiny_pairs)
+    assert want != probe_scalars(module.net, tiny_tokenizer, tiny_pairs)  # the default search would find net
+    monitor = DipMonitor(tiny_pairs, every_n_steps=2, lenses=("logit",), model=where, prompt="raw", log_figures=False)
+    fit(tmp_path, module, [monitor], max_steps=2)
+    assert [int(h["step"]) for h in monitor.history] == [0, 2]
+    for entry in monitor.history:
+        assert {k: entry[k] for k in want} == pytest.approx(want, abs=1e-6)
+
+
+class WithValidation(UserModule):
+    def validation_step(self, batch, batch_idx):
+        return self.net(input_ids=batch, labels=batch).loss
+
+
+class Reference(pl.Callback):
+    """Recomputes the monitor's scalars from the live model at every validation end (before the monitor runs)."""
+
+    def __init__(self, tokenizer, pairs) -> None:
+        self.tokenizer, self.pairs, self.seen = tokenizer, pairs, {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.seen[trainer.global_step] = probe_scalars(pl_module.net, self.tokenizer, self.pairs)
+
+
+@pytest.mark.parametrize("on_validation_end", [True, False])
+def test_probe_on_validation_end_probes_after_each_validation(tmp_path, tiny_tokenizer, tiny_pairs, on_validation_end):
+    """Validation every 2 steps of 6; probes every 10 steps: only the validation ends add probes between the one before
+    training and the one at the end, each of the weights at that step."""
+    module = WithValidation(make_tiny_model("llama"), tokenizer=tiny_tokenizer)
+    reference = Reference(tiny_tokenizer, tiny_pairs)
+    monitor = DipMonitor(
+        tiny_pairs,
+        every_n_steps=10,
+        lenses=("logit",),
+        prompt="raw",
+        log_figures=False,
+        on_validation_end=on_validation_end,
+    )
+    fit(tmp_path, module, [reference, monitor], max_steps=6, validate_every=2)
+    assert sorted(reference.seen) == [2, 4, 6]
+    steps = [int(h["step"]) for h in monitor.history]
+    assert steps == ([0, 2, 4, 6] if on_validation_end else [0, 6])
+    for entry in monitor.history[1:-1]:
+        want = reference.seen[int(entry["step"])]
+        assert {k: entry[k] for k in want} == pytest.approx(want, abs=1e-6)
+    assert reference.seen[2] != reference.seen[4]  # the weights moved between validations

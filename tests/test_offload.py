@@ -12,12 +12,13 @@ import copy
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model, infer_auto_device_map
-from conftest import make_tiny_model
+from conftest import make_tiny_model, requires_extra
 
 import dipreg
 from dipreg.adapter import ModelAdapter
 from dipreg.eval import degrade, state_checksum
 from dipreg.eval.degradation.operators import OPERATORS
+from dipreg.eval.degradation.quantize import BITSANDBYTES_OPS
 
 #: Operator parameters that fit the tiny model (width 32).
 PARAMS = {"late_svd": {"rank": 4}, "mid_svd": {"rank": 4}}
@@ -84,12 +85,17 @@ def test_checksum_of_a_dispatched_model_is_that_of_the_plain_model(plain_and_dis
     assert state_checksum(dispatched) == state_checksum(plain)
 
 
-@pytest.mark.parametrize("op", list(OPERATORS))
+#: The operators, the bitsandbytes ones skipped without the quant extra.
+OPERATOR_PARAMS = [
+    pytest.param(op, marks=requires_extra("bitsandbytes", "quant")) if op in BITSANDBYTES_OPS else op
+    for op in OPERATORS
+]
+
+
+@pytest.mark.parametrize("op", OPERATOR_PARAMS)
 def test_every_operator_degrades_and_restores_a_disk_offloaded_model(op, tmp_path, tiny_tokenizer, tiny_pairs):
     """Each operator changes the dispatched model exactly as it changes the plain one (same degraded margins), and
     leaving the context restores it (``verify=True`` hashes the whole model; the checksum is the plain model's)."""
-    if op == "nf4":
-        pytest.importorskip("bitsandbytes")
     plain = make_tiny_model("llama")
     dispatched = _by_max_memory(copy.deepcopy(plain), tmp_path / "offload")
     before = state_checksum(plain)

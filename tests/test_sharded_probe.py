@@ -69,3 +69,16 @@ def test_two_ranks_run_equal_forwards_on_their_own_shards_and_match_one_process(
     for a, b in zip(single, double, strict=True):
         assert a.keys() == b.keys()
         assert b == pytest.approx(a, abs=1e-5, nan_ok=True)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_both_ranks_at_that_step(two_ranks):
+    """``TrainingHealth`` under two-process DDP: rank 1's loss is NaN at step 3, rank 0's is finite. Both ranks stop
+    with the error naming step 3 (rank 0 learns of it from rank 1), neither trains a batch more."""
+    ranks = _ranks(two_ranks / "health", 2)
+    step = sharded_run.NAN_STEP
+    for rank, record in enumerate(ranks):
+        assert record["error"] == "TrainingDivergedError", (rank, record)
+        assert record["message"].startswith(f"Training stopped at optimizer step {step} "), record["message"]
+        assert record["global_step"] == step and record["training_steps"] == step, (rank, record)
+    assert "the training loss is nan" in ranks[sharded_run.NAN_RANK]["message"]
+    assert "the training loss is non-finite on another process" in ranks[1 - sharded_run.NAN_RANK]["message"]

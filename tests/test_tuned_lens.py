@@ -3,14 +3,19 @@ bad files and mismatched models get clear errors, and the CLI trains a lens that
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from conftest import assert_png_of, make_tiny_model, saved_figures
 
 import dipreg
+import dipreg.audit as audit_module
 from dipreg.adapter import ModelAdapter
 from dipreg.cli import main
 from dipreg.lenses.tuned import TunedLens, load_tuned_lens
 from dipreg.lenses.tuned_training import (
+    GENERIC_PROMPTS,
+    IN_DOMAIN_SETS,
     TrainSettings,
     collect_hidden_states,
     in_domain_texts,
@@ -102,20 +107,101 @@ def test_not_a_tuned_lens_file_is_rejected(llama_tiny, tmp_path):
         load_tuned_lens(ModelAdapter(llama_tiny), path=tmp_path / "x.pt")
 
 
-def test_out_of_domain_sampling_is_seeded(llama_tiny, tiny_tokenizer):
-    first = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
-    again = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
-    other = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=4)
-    assert len(first) == 20 and first == again and first != other
+@torch.no_grad()
+def sampled_by_hand(model, tokenizer, num_texts: int, new_tokens: int, seed: int) -> list[str]:
+    """Ancestral sampling written out: after ``torch.manual_seed(seed)``, for each generic opening in turn, its
+    share of the texts as one batch, each step one ``torch.multinomial`` draw from the full softmax (temperature 1,
+    no top-k); a sequence that drew the end-of-text token is padded from then on."""
+    torch.manual_seed(seed)
+    per_prompt = -(-num_texts // len(GENERIC_PROMPTS))
+    eos = model.generation_config.eos_token_id
+    texts = []
+    for prompt in GENERIC_PROMPTS:
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]] * per_prompt)
+        done = torch.zeros(per_prompt, dtype=torch.bool)
+        for _ in range(new_tokens):
+            drawn = torch.multinomial(model(input_ids=ids).logits[:, -1].float().softmax(-1), 1)[:, 0]
+            drawn = torch.where(done, tokenizer.pad_token_id, drawn)
+            ids = torch.cat([ids, drawn[:, None]], dim=1)
+            done |= drawn == eos
+            if done.all():
+                break
+        texts.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+    return texts[:num_texts]
 
 
-def test_in_domain_corpus_is_every_builtin_context(tiny_tokenizer):
-    texts = in_domain_texts(tiny_tokenizer)  # no chat template: raw contexts
-    assert len(texts) == 2 * (278 + 200)
-    assert all(text.rstrip().endswith(":") or "Answer" in text for text in texts[:10])
+def test_out_of_domain_texts_are_the_models_own_samples_at_temperature_1(llama_tiny, tiny_tokenizer):
+    got = sample_out_of_domain_texts(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
+    assert len(got) == 20
+    assert got == sampled_by_hand(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=3)
+    assert got != sampled_by_hand(llama_tiny, tiny_tokenizer, 20, new_tokens=5, seed=4)
 
 
-def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path):
+class TextsSeen(Exception):
+    """Raised by :class:`RecordingTokenizer` once it has the contexts: the audit need not run further."""
+
+
+class RecordingTokenizer:
+    """A tokenizer that records the first list of ``expected`` texts it is asked to tokenize (the audit's contexts)
+    and stops there; everything else goes to the wrapped tokenizer."""
+
+    def __init__(self, tokenizer, expected: int) -> None:
+        self.tokenizer, self.expected, self.texts = tokenizer, expected, None
+
+    def __call__(self, text, *args, **kwargs):
+        if isinstance(text, list) and len(text) == self.expected:
+            self.texts = text
+            raise TextsSeen
+        return self.tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def builtin_words_tokenizer():
+    """A word-level tokenizer over every word of the in-domain sets, so that their answers are one token each."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dipreg.stimuli import load_pairs
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    texts = [t for name in IN_DOMAIN_SETS for p in load_pairs(name) for t in (p.ctx_a, p.ctx_b, p.t_pos, p.t_neg)]
+    words = sorted({word for text in texts for word, _ in split.pre_tokenize_str(text)})
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = split
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def audit_contexts(monkeypatch, tmp_path, tokenizer, pairs: str, *flags: str) -> list[str]:
+    """The texts ``dipreg audit --pairs PAIRS`` hands the tokenizer as the model's contexts."""
+    from dipreg import audit
+    from dipreg.stimuli import load_pairs
+
+    recording = RecordingTokenizer(tokenizer, 2 * len(load_pairs(pairs)))
+    model = make_tiny_model("llama")
+    monkeypatch.setattr(audit, "load_model", lambda _name: (model, recording))
+    with pytest.raises(TextsSeen):
+        audit.run_audit(None, pairs, out=tmp_path / pairs, **dict(zip(flags[::2], flags[1::2], strict=True)))
+    return recording.texts
+
+
+@pytest.mark.parametrize("style", [None, "raw"], ids=["audit-default", "raw"])
+def test_in_domain_corpus_is_what_the_audit_shows_the_model(monkeypatch, tmp_path, style):
+    """For the default style (fewshot: worked examples from the same set) and an explicit one, the in-domain corpus
+    is the contexts the audit of each built-in set tokenizes for the model, in order."""
+    tokenizer = builtin_words_tokenizer()
+    flags = () if style is None else ("prompt", style)
+    seen = [text for name in IN_DOMAIN_SETS for text in audit_contexts(monkeypatch, tmp_path, tokenizer, name, *flags)]
+    corpus = in_domain_texts(tokenizer) if style is None else in_domain_texts(tokenizer, style)
+    assert len(corpus) == 2 * (278 + 200)
+    assert corpus == seen
+
+
+def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(
+    llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path, monkeypatch
+):
     model_dir, corpus, pairs = tmp_path / "tiny-llama", tmp_path / "corpus.txt", tmp_path / "pairs.jsonl"
     llama_tiny.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
@@ -137,11 +223,20 @@ def test_cli_trains_a_lens_that_the_audit_reads_with_all_three_lenses(llama_tiny
     ]
     # --prompt auto: tiny_pairs has one pair per family, too few for the default few-shot style's worked examples
     argv = ["audit", "--model", str(model_dir), "--pairs", str(pairs), "--prompt", "auto", *lenses, "--out", str(audit)]
+    figures = saved_figures(monkeypatch, audit_module)
     assert main(argv) == 0
     payload = json.loads((audit / "audit.json").read_text())
     assert set(payload["lenses"]) == {"logit", "tuned", "causal"}
     assert payload["lens_options"]["causal"] == {"neutral_prompt": "cat cat\ndog dog\n?"}
-    assert (audit / "lenses.png").stat().st_size > 10_000
+    # lenses.png plots, per lens, the mean DiD and the mean output-aligned DiD of the items audit.json holds
+    raw, aligned = figures["lenses.png"].axes
+    for k, name in enumerate(["logit", "tuned", "causal"]):
+        did = np.array([item["did"] for item in payload["lenses"][name]["items"]])
+        sign = np.where(did[:, -1:] > 0, 1.0, -1.0)
+        np.testing.assert_allclose(raw.lines[k].get_ydata(), did.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(aligned.lines[k].get_ydata(), (sign * did).mean(0), rtol=1e-5, atol=1e-6)
+        assert raw.lines[k].get_label() == name
+    assert_png_of(audit / "lenses.png", figures["lenses.png"])
 
 
 def test_audit_without_a_trained_lens_names_the_fix(llama_tiny, tiny_tokenizer, tiny_pairs, tmp_path, capsys):
@@ -201,3 +296,35 @@ def test_a_mismatched_lens_names_its_file(llama_tiny, tmp_path):
     assert TunedLens.load(tmp_path / "lens").path == path
     with pytest.raises(ValueError, match=rf"^{path}: This tuned lens was trained for 6 layers"):
         load_tuned_lens(ModelAdapter(llama_tiny), path=tmp_path / "lens")
+
+
+def hand_kl_over_top_k(model, hidden: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``KL(final ‖ layer ℓ)`` written out for raw residuals ``(L, 1, D)`` of one position under identity translators:
+    the model's own final norm and head on every layer, both distributions renormalised on the ``top_k`` tokens of
+    the final layer's distribution, summed over those tokens, averaged over layers 1..L−1."""
+    logits = model.lm_head(model.model.norm(hidden[:, 0]))  # (L, V)
+    keep = logits[-1].topk(top_k).indices
+    final = logits[-1, keep].log_softmax(-1)
+    layers = logits[:-1, keep].log_softmax(-1)
+    return (final.exp() * (final - layers)).sum(-1).mean()
+
+
+def test_default_loss_is_the_kl_over_the_top_64_tokens_of_the_final_distribution():
+    """A vocabulary of 256, so that the top 64 are a real subset: the first loss of the default settings (identity
+    translators) is the KL renormalised on the final layer's top 64 tokens, not the full-vocabulary KL."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4
+    )
+    model = AutoModelForCausalLM.from_config(config).eval()
+    hidden = 3 * torch.randn(4, 1, 32)
+    settings = TrainSettings(steps=1)
+    assert settings.vocab_top_k == 64
+    lens, losses = train_tuned_lens(ModelAdapter(model), hidden, settings)
+    with torch.no_grad():
+        want, full = hand_kl_over_top_k(model, hidden, 64), hand_kl_over_top_k(model, hidden, 256)
+    assert lens.meta["vocab_size_used"] == 64
+    assert losses[0] == pytest.approx(float(want), rel=1e-5)
+    assert abs(float(full) - float(want)) > 1e-2 * float(want), "the top-64 KL must differ from the full one here"

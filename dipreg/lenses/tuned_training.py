@@ -24,7 +24,7 @@ from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.batching import pad_right, pad_token_id
 from dipreg.lenses.tuned import CORPORA, DEFAULT_CORPUS, TUNED_LENS_FILE, TunedLens, default_tuned_lens_dir, model_id
 from dipreg.models import load_model
-from dipreg.prompting import PromptFormat
+from dipreg.prompting import DEFAULT_AUDIT_PROMPT, PromptFormat
 from dipreg.stimuli import load_pairs
 from dipreg.validation import validate_count, validate_number
 
@@ -91,11 +91,15 @@ _FLAGS = {
 }
 
 
-def in_domain_texts(tokenizer: Any) -> list[str]:
-    """Both contexts of every built-in pair (core + role_binding), rendered with the audit's default format."""
-    prompt = PromptFormat()
-    pairs = [*load_pairs("core"), *load_pairs("role_binding")]
-    return [prompt.render(ctx, tokenizer) for p in pairs for ctx in (p.ctx_a, p.ctx_b)]
+#: The built-in pair sets whose contexts make the in-domain corpus.
+IN_DOMAIN_SETS: tuple[str, ...] = ("core", "role_binding")
+
+
+def in_domain_texts(tokenizer: Any, prompt: str = DEFAULT_AUDIT_PROMPT) -> list[str]:
+    """Both contexts of every pair of :data:`IN_DOMAIN_SETS`, each set rendered as ``dipreg audit --pairs SET
+    --prompt PROMPT`` renders it (``fewshot`` draws its worked examples from the same set)."""
+    style = PromptFormat(prompt)  # type: ignore[arg-type]
+    return [text for name in IN_DOMAIN_SETS for text in style.render_pairs(load_pairs(name), tokenizer)]
 
 
 @torch.no_grad()
@@ -148,7 +152,7 @@ def corpus_texts(corpus: str, model: Any, tokenizer: Any, settings: TrainSetting
     add_special_tokens = True
     if corpus == "in-domain":
         texts = in_domain_texts(tokenizer)
-        add_special_tokens = PromptFormat().add_special_tokens(tokenizer)
+        add_special_tokens = PromptFormat(DEFAULT_AUDIT_PROMPT).add_special_tokens(tokenizer)
     elif corpus == "out-of-domain":
         texts = sample_out_of_domain_texts(model, tokenizer, settings.max_sequences, seed=settings.seed)
     else:
