@@ -3,9 +3,12 @@ the tracker says, each reading equal to ``dipreg.trajectories`` of the live weig
 
 from __future__ import annotations
 
+import json
 import math
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
@@ -153,3 +156,28 @@ def test_a_nan_reading_warns_once_and_keeps_nan(tiny_tokenizer, tiny_pairs):
     with pytest.warns(UserWarning, match="DipTracker at step 0: unreadable trajectories, logit: 0 non-finite, 4"):
         reading = tracker.probe(model, 0)
     assert math.isnan(reading.scalars["dip/logit/max_wrong_dip"])
+
+
+EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "own_loop.py"
+
+
+def test_the_readme_shows_the_own_loop_example_verbatim():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Use it in your own loop", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert block == EXAMPLE.read_text()
+
+
+def test_the_own_loop_example_runs_and_logs_every_probe(tmp_path, tiny_tokenizer, tiny_pairs, capsys):
+    """The README's example, run as written with a tiny model, its tokenizer and pairs, and random batches."""
+    example = runpy.run_path(str(EXAMPLE))  # defines main; the __main__ block (the default model) does not run
+    batches = list(torch.randint(2, 40, (5, 2, 12), generator=torch.Generator().manual_seed(0)))
+    tracker = example["main"](make_tiny_model("llama"), tiny_tokenizer, batches, tiny_pairs, str(tmp_path), 2)
+    assert tracker.steps == [0, 2, 4, 5]
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["step 0", "step 2", "step 4"]
+    history = json.loads((tmp_path / "dip_history.json").read_text())["history"]
+    assert [h["step"] for h in history] == [0, 2, 4, 5]
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [e.value for e in events.Scalars("dip/causal/max_wrong_dip")]
+    assert logged == pytest.approx([h["dip/causal/max_wrong_dip"] for h in history])
