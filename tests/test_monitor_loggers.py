@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, quiet_trainer
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from peft import LoraConfig, get_peft_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -58,17 +58,9 @@ def fit_with_every_logger(root: Path, tiny_tokenizer, tiny_pairs, wandb) -> dict
     }
     monitor = DipMonitor(tiny_pairs, every_n_steps=2, lenses=("logit",))
     data = DataLoader(list(torch.randint(2, 40, (8, 12), generator=torch.Generator().manual_seed(0))), batch_size=2)
-    pl.Trainer(
-        default_root_dir=root,
-        max_steps=4,
-        accelerator="cpu",
-        devices=1,
-        logger=list(loggers.values()),
-        callbacks=[monitor],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    ).fit(LoRAModule(tiny_tokenizer), data)
+    quiet_trainer(root, [monitor], max_steps=4, logger=list(loggers.values()), enable_checkpointing=False).fit(
+        LoRAModule(tiny_tokenizer), data
+    )
     wandb_dir = Path(loggers["wandb"].experiment.dir)
     wandb.finish()
     return {"root": root, "loggers": loggers, "history": monitor.history, "wandb_dir": wandb_dir}
