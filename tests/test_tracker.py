@@ -22,6 +22,8 @@ import dipreg
 from dipreg.agreement import item_agreement
 from dipreg.callbacks import DipTracker, MonitorSetupError
 
+KEY_LOGIT = "dip/logit/max_wrong_dip"
+
 
 def reference(model, tokenizer, pairs, lenses) -> dict[str, float]:
     """What a probe of every item under ``lenses`` must give, from ``dipreg.trajectories`` itself."""
@@ -181,3 +183,23 @@ def test_the_own_loop_example_runs_and_logs_every_probe(tmp_path, tiny_tokenizer
     events.Reload()
     logged = [e.value for e in events.Scalars("dip/causal/max_wrong_dip")]
     assert logged == pytest.approx([h["dip/causal/max_wrong_dip"] for h in history])
+
+
+def test_a_fabric_loop_probes_its_wrapped_model_and_logs_to_fabric_loggers(tmp_path, tiny_tokenizer, tiny_pairs):
+    """One process: the tracker finds the HF model inside Fabric's wrapper and writes to Fabric's loggers (a CSV
+    logger has no image API: the figures become PNG files beside its metrics). The two-process case, where the
+    tracker reads its rank from torch.distributed, runs in tests/sharded_run.py."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import CSVLogger
+
+    fabric = Fabric(accelerator="cpu", devices=1, loggers=[CSVLogger(tmp_path, name="fabric", version=0)])
+    raw = make_tiny_model("llama")
+    alone = DipTracker(tiny_pairs, tokenizer=tiny_tokenizer, lenses=("logit",)).probe(raw, 0).scalars
+    model = fabric.setup_module(raw)
+    tracker = DipTracker(tiny_pairs, tokenizer=tiny_tokenizer, lenses=("logit",), sinks=fabric.loggers)
+    assert tracker.probe(model, 0).scalars == alone
+    fabric.loggers[0].finalize("success")
+    log_dir = tmp_path / "fabric" / "version_0"
+    rows = (log_dir / "metrics.csv").read_text().splitlines()
+    assert KEY_LOGIT in rows[0].split(",") and len(rows) == 2
+    assert sorted(p.name for p in (log_dir / "dip" / "history").iterdir()) == ["step_000000.png"]
