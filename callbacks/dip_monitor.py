@@ -199,8 +199,7 @@ class DipMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Probe when the optimizer step count reaches a multiple of ``every_n_steps`` (once per step)."""
-        step = trainer.global_step
-        if self.tracker is not None and step != self.last_step and self.tracker.due(step):
+        if self.tracker is not None and self.tracker.due(trainer.global_step):
             self._probe(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
