@@ -86,6 +86,10 @@ class DipMonitor(Callback):
         from dipreg.callbacks import DipMonitor
         trainer = L.Trainer(callbacks=[DipMonitor("core", every_n_steps=15, lenses=("logit", "causal"))])
         trainer.fit(my_lora_module, datamodule)
+
+        # keep the checkpoint with the lowest causal dip (checked at the monitor's probe steps)
+        keep = ModelCheckpoint(monitor="dip/causal/max_wrong_dip", mode="min", every_n_train_steps=15)
+        trainer = L.Trainer(callbacks=[DipMonitor("core", every_n_steps=15), keep])
     """
 
     def __init__(
