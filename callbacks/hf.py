@@ -75,6 +75,21 @@ def probe_root(trainer: Trainer | None, model: nn.Module) -> nn.Module:
     return wrapped if isinstance(wrapped, nn.Module) else model
 
 
+def checkpoint_attributes(state: TrainerState, name: str, arguments: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``"attributes"`` a checkpoint saved for the stateful callback of class ``name`` built with ``arguments``
+    (its ``state()["args"]``), read from ``state.stateful_callbacks`` of the state being resumed; ``None`` when the
+    checkpoint holds none.
+
+    transformers keeps one entry per callback class, or a list when there are several instances, to which every
+    checkpoint appends (5.x): the newest entry whose arguments equal ``arguments`` (compared as they read back from
+    ``trainer_state.json``) is returned."""
+    saved = (state.stateful_callbacks or {}).get(name)
+    entries = saved if isinstance(saved, list) else [saved] if saved else []
+    wanted = json.loads(json.dumps(arguments))
+    matching = [entry for entry in entries if json.loads(json.dumps(entry.get("args", {}))) == wanted]
+    return matching[-1].get("attributes", {}) if matching else None
+
+
 def _prefixed_layout(layout: dict[str, dict[str, list[Any]]], prefix: str) -> dict[str, dict[str, list[Any]]]:
     """``layout`` (from :meth:`~dipreg.callbacks.probe.DipProbe.custom_scalars_layout`) with every anchored tag
     pattern ``^dip/...$`` read as ``^<prefix>dip/...$``."""
@@ -200,18 +215,6 @@ class DipMonitorCallback(TrainerCallback, ExportableState):
         each checkpoint's ``trainer_state.json``."""
         return {"args": dict(self._arguments), "attributes": {"history": [dict(h) for h in self.history]}}
 
-    def _saved_history(self, state: TrainerState) -> list[dict[str, float]] | None:
-        """This monitor's history in the checkpoint being resumed from, or ``None`` when it holds none.
-
-        An entry is this monitor's when its arguments equal this monitor's. transformers keeps one entry per
-        callback class, or a list when there are several instances, to which every checkpoint appends: the last
-        matching entry is the newest."""
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        entries = saved if isinstance(saved, list) else [saved] if saved else []
-        mine = json.loads(json.dumps(self._arguments))  # as it reads back from trainer_state.json
-        matching = [e for e in entries if json.loads(json.dumps(e.get("args", {}))) == mine]
-        return matching[-1]["attributes"]["history"] if matching else None
-
     def _tokenizer(self, kwargs: dict[str, Any]) -> Any:
         """``tokenizer=``, else the Trainer's ``processing_class`` when it is a tokenizer or a processor holding one
         (``.tokenizer``), else the tokenizer saved where the model was loaded from (its ``name_or_path``, local files
@@ -245,9 +248,9 @@ class DipMonitorCallback(TrainerCallback, ExportableState):
         self.tracker.check(self._tokenizer(kwargs))
         self._trainer = running_trainer()
         if state.global_step > 0:
-            saved = self._saved_history(state)
+            saved = checkpoint_attributes(state, type(self).__name__, self._arguments)
             if saved is not None:
-                self.history = [h for h in saved if h["step"] <= state.global_step]
+                self.history = [h for h in saved["history"] if h["step"] <= state.global_step]
         else:
             self.history = []
         if state.is_world_process_zero:

@@ -1,10 +1,12 @@
 """The HF callback in a real TRL ``SFTTrainer`` run: LoRA from ``peft_config``, gradient checkpointing, a learning
 rate above 0, probes every 2 steps. Its scalars reach ``state.log_history``, TensorBoard and an MLflow file store
 through ``report_to``; the last probe equals ``dipreg.trajectories`` of the trained weights; a run resumed from a
-checkpoint continues the history with no step repeated or lost."""
+checkpoint continues the history with no step repeated or lost. And the README's "Use it with TRL" example runs as
+written."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from dipreg.agreement import item_agreement
 from dipreg.callbacks.hf import DipMonitorCallback
 from dipreg.callbacks.probe import find_hf_model
 from tests.conftest import make_tiny_model
+from tests.readme_examples import readme_example
 
 TRL_HINT = "needs the trl extra: pip install 'dipreg[trl]'"
 MLFLOW_HINT = "needs the loggers extra: pip install 'dipreg[loggers]'"
@@ -144,3 +147,41 @@ def test_sft_trainer_with_lora_logs_dips_everywhere_and_a_resumed_run_continues_
     assert tensorboard_steps(tmp_path / "tb", f"train/{key}") == [0, 2, 4, 6, 8]
     final = reference_scalars(find_hf_model(second.model), tiny_tokenizer, tiny_pairs)
     assert monitor.history[-1][key] == pytest.approx(final[key], rel=1e-5, abs=1e-6)
+
+
+def test_the_readme_trl_example_runs_as_written(tmp_path, tiny_tokenizer, tiny_pairs, monkeypatch):
+    pytest.importorskip("trl", reason=TRL_HINT)
+    pytest.importorskip("datasets", reason=TRL_HINT)
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    monkeypatch.chdir(tmp_path)  # the example's output_dir is relative
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    config = SFTConfig(
+        output_dir="out/sft",
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        save_steps=2,
+        report_to=["tensorboard"],
+        use_cpu=True,
+        disable_tqdm=True,
+        eos_token=".",
+    )
+    scope = {
+        "model": make_tiny_model("llama"),
+        "tokenizer": tiny_tokenizer,
+        "dataset": Dataset.from_dict({"text": TEXTS}),
+        "config": config,
+        "probe_pairs": tiny_pairs,
+        "every": 2,
+    }
+    exec(compile(readme_example("### Use it with TRL"), "README.md", "exec"), scope)
+    monitor, trainer = scope["monitor"], scope["trainer"]
+    assert [int(h["step"]) for h in monitor.history] == [0, 2, 4]
+    assert sorted(dip_entries(trainer.state.log_history)) == [0, 2, 4]
+    assert "dip/agreement/sign" in monitor.history[-1]
+    [run] = (tmp_path / "out" / "sft" / "runs").iterdir()  # the Trainer's TensorBoard folder
+    assert tensorboard_steps(run, "train/dip/causal/max_wrong_dip") == [0, 2, 4]
+    saved = json.loads((tmp_path / "out" / "sft" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [h["step"] for h in saved["stateful_callbacks"]["DipMonitorCallback"]["attributes"]["history"]] == [0, 2, 4]
