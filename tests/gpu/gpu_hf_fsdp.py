@@ -101,8 +101,10 @@ def main() -> int:
     final.load_state_dict(full)
     after = reference(final, tokenizer, pairs)
     steps = [int(h["step"]) for h in monitor.history]
-    print(f"world size {args.world_size}, FSDP version {options.fsdp_version or 'none'}, backend {backend}, "
-          f"wrapper {type(trainer.model_wrapped).__name__}, probed steps {steps}")
+    print(
+        f"world size {args.world_size}, FSDP version {options.fsdp_version or 'none'}, backend {backend}, "
+        f"wrapper {type(trainer.model_wrapped).__name__}, probed steps {steps}"
+    )
     good = steps == [0, 2, 4]
     good &= compare("step 0", monitor.history[0], before, options.tolerance)
     good &= compare(f"step {steps[-1]}", monitor.history[-1], after, options.tolerance)
