@@ -295,6 +295,7 @@ class DipMonitorCallback(TrainerCallback, ExportableState):
         kwargs: dict[str, Any],
         *,
         all_lenses: bool,
+        to_integrations: bool = True,
     ) -> TrainerControl | None:
         model = kwargs["model"]
         reading = self.tracker.probe(
@@ -306,7 +307,7 @@ class DipMonitorCallback(TrainerCallback, ExportableState):
             root=probe_root(self._trainer, model),
             all_lenses=all_lenses,
         )
-        return self._publish(reading, args, state, control, to_integrations=True)
+        return self._publish(reading, args, state, control, to_integrations=to_integrations)
 
     def _publish(
         self,
@@ -340,18 +341,8 @@ class DipMonitorCallback(TrainerCallback, ExportableState):
         JSON: a NaN of a diverged model is ``null``; atomic) and close the monitor's own writer."""
         if not self._own_writer:
             self.writer = None  # the TensorBoardCallback has closed its writer: its on_train_end came first
-        model = kwargs.get("model")
-        if model is not None:
-            reading = self.tracker.finish(
-                model,
-                state.global_step,
-                tokenizer=self._tokenizer(kwargs),
-                rank=args.process_index,
-                world_size=args.world_size,
-                root=probe_root(self._trainer, model),
-            )
-            if reading is not None:
-                self._publish(reading, args, state, control, to_integrations=False)
+        if kwargs.get("model") is not None and state.global_step not in self.tracker.steps:
+            self._probe(args, state, control, kwargs, all_lenses=True, to_integrations=False)
         if state.is_world_process_zero:
             self.tracker.write_history(Path(args.output_dir) / self.history_file)
         if self.writer is not None and self._own_writer:

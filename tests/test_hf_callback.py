@@ -1,6 +1,7 @@
 """The dip monitor as an HF TrainerCallback: a short real run of the default model, its history file (strict JSON,
 written atomically), keyword-only options, the gathering context it picks under DeepSpeed ZeRO-3 (a stand-in
-``deepspeed``: the real one needs a GPU), and transformers rebuilding it from a checkpoint."""
+``deepspeed``: the real one needs a GPU), transformers rebuilding it from a checkpoint, and the final probe of a run
+stopped after the monitor's ``on_step_end``."""
 
 import json
 import math
@@ -15,7 +16,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from dipreg import artifacts, trajectories
 from dipreg.adapter import ModelAdapter
@@ -23,6 +24,7 @@ from dipreg.callbacks import DipMonitor, hf, sharding
 from dipreg.callbacks.hf import DipMonitorCallback
 from dipreg.stimuli import load_pairs
 from tests.conftest import make_tiny_model, quiet_training_args
+from tests.dip_reference import reference_scalars
 
 
 def _end_of_training(monitor: DipMonitorCallback, output_dir: Path) -> Path:
@@ -181,3 +183,30 @@ def test_transformers_restoring_callback_states_rebuilds_the_monitor_with_its_pa
     assert rebuilt.tracker.dip_probe.pairs == tiny_pairs
     assert [int(h["step"]) for h in rebuilt.history] == [0, 2, 4, 6, 8]
     assert rebuilt.history[:3] == first.history
+
+
+class _StopAfter(TrainerCallback):
+    """Stops training at the end of optimizer step ``step``, listed after the monitor (it sees no stop then)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_a_run_stopped_after_the_monitors_step_end_gets_its_final_probe_with_every_lens_at_train_end(
+    tmp_path, tiny_tokenizer, tiny_pairs
+):
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(2, 40, (16, 8)).tolist()]
+    args = quiet_training_args(tmp_path / "out", 8)
+    args.learning_rate = 1e-2
+    monitor = DipMonitorCallback(tiny_pairs, tokenizer=tiny_tokenizer, every_n_steps=2, causal_every=2)
+    model = make_tiny_model("llama")
+    Trainer(model=model, args=args, train_dataset=data, callbacks=[monitor, _StopAfter(5)]).train()
+    assert [int(h["step"]) for h in monitor.history] == [0, 2, 4, 5]
+    final = reference_scalars(model, tiny_tokenizer, tiny_pairs)  # probe 3: causal_every=2 alone would skip causal
+    assert {k: monitor.history[-1][k] for k in final} == pytest.approx(final, rel=1e-5, abs=1e-6)
+    saved = json.loads((tmp_path / "out" / monitor.history_file).read_text())["history"]
+    assert [h["step"] for h in saved] == [0, 2, 4, 5]

@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dipreg import trajectories
-from dipreg.agreement import item_agreement
 from dipreg.callbacks.hf import DipMonitorCallback
 from dipreg.callbacks.probe import find_hf_model
 from tests.conftest import make_tiny_model
+from tests.dip_reference import reference_scalars
 from tests.readme_examples import readme_example
 
 TRL_HINT = "needs the trl extra: pip install 'dipreg[trl]'"
@@ -66,20 +64,6 @@ def dip_entries(log_history: list[dict[str, float]]) -> dict[int, dict[str, floa
     by_step = {int(e["step"]): e for e in entries}
     assert len(by_step) == len(entries), [e["step"] for e in entries]
     return by_step
-
-
-def reference_scalars(model: torch.nn.Module, tokenizer: Any, pairs: list) -> dict[str, float]:
-    """The monitor's overall scalars recomputed with ``dipreg.trajectories`` on ``model`` as it is now."""
-    by_lens = {lens: trajectories(model, tokenizer, pairs, lens=lens) for lens in LENSES}
-    out = {}
-    for lens, traj in by_lens.items():
-        out[f"dip/{lens}/accuracy"] = traj.correct.double().mean().item()
-        out[f"dip/{lens}/max_wrong_dip"] = traj.max_wrong_dip.double().mean().item()
-        out[f"dip/{lens}/commit_layer_frac"] = traj.commit_layer_frac.double().mean().item()
-    rho, sign = item_agreement(by_lens["logit"].did, by_lens["causal"].did)
-    out["dip/agreement/spearman"] = sum(rho) / len(rho)
-    out["dip/agreement/sign"] = sum(sign) / len(sign)
-    return out
 
 
 def tensorboard_steps(folder: Path, tag: str) -> list[int]:

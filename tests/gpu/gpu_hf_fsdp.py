@@ -19,33 +19,21 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from dipreg import trajectories
-from dipreg.agreement import item_agreement
 from dipreg.callbacks.hf import DipMonitorCallback
 from dipreg.callbacks.sharding import sharding_backend
 from dipreg.selftest.build import random_model, tiny_config, word_tokenizer
 from dipreg.stimuli import load_pairs
 
-LENSES = ("logit", "causal")
+sys.path.insert(0, str(Path(__file__).parents[2]))  # the repository root: tests.dip_reference
+from tests.dip_reference import reference_scalars
 
-
-def reference(model: torch.nn.Module, tokenizer: Any, pairs: list) -> dict[str, float]:
-    """The monitor's overall scalars and agreement recomputed with ``dipreg.trajectories`` (no sharding)."""
-    by_lens = {lens: trajectories(model, tokenizer, pairs, lens=lens) for lens in LENSES}
-    out = {}
-    for lens, traj in by_lens.items():
-        out[f"dip/{lens}/accuracy"] = traj.correct.double().mean().item()
-        out[f"dip/{lens}/max_wrong_dip"] = traj.max_wrong_dip.double().mean().item()
-        out[f"dip/{lens}/commit_layer_frac"] = traj.commit_layer_frac.double().mean().item()
-    rho, sign = item_agreement(by_lens["logit"].did, by_lens["causal"].did)
-    out["dip/agreement/spearman"] = sum(rho) / len(rho)
-    out["dip/agreement/sign"] = sum(sign) / len(sign)
-    return out
+LENSES = ("logit", "causal")  # the lenses tests.dip_reference recomputes
 
 
 def compare(label: str, logged: dict[str, float], expected: dict[str, float], tolerance: float) -> bool:
@@ -89,7 +77,7 @@ def main() -> int:
         use_cpu=device == "cpu",
         **fsdp,
     )
-    before = reference(random_model(config, seed=0, device=device), tokenizer, pairs)
+    before = reference_scalars(random_model(config, seed=0, device=device), tokenizer, pairs)
     monitor = DipMonitorCallback(pairs, every_n_steps=2, lenses=LENSES, tokenizer=tokenizer)
     trainer = Trainer(model=random_model(config, seed=0).train(), args=args, train_dataset=data, callbacks=[monitor])
     trainer.train()
@@ -99,7 +87,7 @@ def main() -> int:
         return 0
     final = random_model(config, seed=1, device=device)
     final.load_state_dict(full)
-    after = reference(final, tokenizer, pairs)
+    after = reference_scalars(final, tokenizer, pairs)
     steps = [int(h["step"]) for h in monitor.history]
     print(
         f"world size {args.world_size}, FSDP version {options.fsdp_version or 'none'}, backend {backend}, "
