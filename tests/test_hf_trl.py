@@ -7,6 +7,7 @@ written."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from dipreg.callbacks.probe import find_hf_model
 from tests.conftest import make_tiny_model
 from tests.dip_reference import reference_scalars
 from tests.readme_examples import readme_example
+from tests.test_callbacks import read_events, read_layout
 
 TRL_HINT = "needs the trl extra: pip install 'dipreg[trl]'"
 MLFLOW_HINT = "needs the loggers extra: pip install 'dipreg[loggers]'"
@@ -167,5 +169,11 @@ def test_the_readme_trl_example_runs_as_written(tmp_path, tiny_tokenizer, tiny_p
     assert "dip/agreement/sign" in monitor.history[-1]
     [run] = (tmp_path / "out" / "sft" / "runs").iterdir()  # the Trainer's TensorBoard folder
     assert tensorboard_steps(run, "train/dip/causal/max_wrong_dip") == [0, 2, 4]
+    # the monitor's figures and layout went into the Trainer's own writer, the layout naming its train/ tags
+    events = read_events(run)
+    assert "dip/trajectories" in events.Tags()["images"]
+    logged = [tag for tag in events.Tags()["scalars"] if tag.startswith("train/dip/")]
+    patterns = [regex for charts in read_layout(events).values() for tags in charts.values() for regex in tags]
+    assert patterns and all(len([t for t in logged if re.fullmatch(regex, t)]) == 1 for regex in patterns)
     saved = json.loads((tmp_path / "out" / "sft" / "checkpoint-4" / "trainer_state.json").read_text())
     assert [h["step"] for h in saved["stateful_callbacks"]["DipMonitorCallback"]["attributes"]["history"]] == [0, 2, 4]
