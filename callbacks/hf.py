@@ -247,12 +247,10 @@ class DipMonitorCallback(TrainerCallback, ExportableState):
         write the custom-scalars layout, and probe once before the first step."""
         self.tracker.check(self._tokenizer(kwargs))
         self._trainer = running_trainer()
-        if state.global_step > 0:
-            saved = checkpoint_attributes(state, type(self).__name__, self._arguments)
-            if saved is not None:
-                self.history = [h for h in saved["history"] if h["step"] <= state.global_step]
-        else:
-            self.history = []
+        # A resumed run continues the checkpoint's history (none: a checkpoint of a run without this monitor); a
+        # run from step 0 starts a new one.
+        saved = checkpoint_attributes(state, type(self).__name__, self._arguments) if state.global_step else None
+        self.history = [h for h in (saved or {}).get("history", []) if h["step"] <= state.global_step]
         if state.is_world_process_zero:
             self._open_writer(args)
         if state.global_step == 0:
