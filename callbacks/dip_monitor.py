@@ -95,11 +95,11 @@ class DipMonitor(Callback):
     def __init__(
         self,
         pairs: str | Sequence[MinimalPair] = "core",
+        *,
         every_n_steps: int = 15,
         lenses: Sequence[str] = ("logit", "causal"),
         model: ModelGetter = None,
         tokenizer: Any = None,
-        *,
         on_validation_end: bool = False,
         batch_size: int = 16,
         window: tuple[float, float] = DEFAULT_WINDOW,

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import make_tiny_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
 
 from dipreg.callbacks.hf import DipMonitorCallback
 from dipreg.callbacks.probe import DipProbe, MonitorSetupError
@@ -16,8 +16,7 @@ from dipreg.callbacks.probe import DipProbe, MonitorSetupError
 def begin(monitor: DipMonitorCallback, tmp_path, **kwargs) -> None:
     """``on_train_begin`` as the HF Trainer calls it at step 0 (one process)."""
     args = SimpleNamespace(output_dir=str(tmp_path / "out"), process_index=0, world_size=1)
-    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
-    monitor.on_train_begin(args, state, SimpleNamespace(), **kwargs)
+    monitor.on_train_begin(args, TrainerState(), TrainerControl(), **kwargs)
 
 
 def test_the_tokenizer_saved_with_the_model_is_found_through_name_or_path(tmp_path, tiny_tokenizer, tiny_pairs):
@@ -50,3 +49,24 @@ def test_no_tokenizer_anywhere_lists_what_was_tried(tmp_path, tiny_pairs):
     assert f"AutoTokenizer.from_pretrained({str(tmp_path / 'model')!r}, local_files_only=True) failed (" in message
     with pytest.raises(MonitorSetupError, match="skipped: the LlamaForCausalLM has an empty name_or_path"):
         monitor._tokenizer({"model": make_tiny_model("llama")})
+
+
+def test_a_processors_tokenizer_is_used(tmp_path, tiny_tokenizer, tiny_pairs):
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(), tokenizer=tiny_tokenizer)
+    model = make_tiny_model("llama")
+    expected = DipProbe(tiny_pairs, ("logit",)).run(model, tiny_tokenizer).scalars
+    monitor = DipMonitorCallback(tiny_pairs, lenses=("logit",), log_dir=str(tmp_path / "tb"))
+    begin(monitor, tmp_path, model=model, processing_class=processor)
+    assert monitor.tokenizer is None and monitor._tokenizer({"processing_class": processor}) is tiny_tokenizer
+    assert {k: v for k, v in monitor.history[0].items() if k != "step"} == pytest.approx(expected, nan_ok=True)
+    monitor.writer.close()
+
+
+def test_a_processing_class_without_a_tokenizer_is_named_in_the_error(tiny_pairs):
+    from transformers import CLIPImageProcessorPil
+
+    monitor = DipMonitorCallback(tiny_pairs, lenses=("logit",))
+    with pytest.raises(MonitorSetupError, match=r"the Trainer's processing_class \(a CLIPImageProcessorPil, neither"):
+        monitor._tokenizer({"model": make_tiny_model("llama"), "processing_class": CLIPImageProcessorPil()})
