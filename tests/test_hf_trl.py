@@ -16,13 +16,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dipreg.callbacks.hf import DipMonitorCallback
 from dipreg.callbacks.probe import find_hf_model
-from tests.conftest import make_tiny_model
+from tests.conftest import make_tiny_model, requires_extra
 from tests.dip_reference import reference_scalars
 from tests.readme_examples import readme_example
 from tests.test_callbacks import read_events, read_layout
 
-TRL_HINT = "needs the trl extra: pip install 'dipreg[trl]'"
-MLFLOW_HINT = "needs the loggers extra: pip install 'dipreg[loggers]'"
 TEXTS = ["Alice chased Bob .", "ice is cold .", "fire is hot .", "the cat chased the dog .", "Bob is good ."]
 LENSES = ("logit", "causal")
 
@@ -84,12 +82,12 @@ def mlflow_steps(tracking_uri: str, key: str) -> tuple[str, list[int], list[floa
     return runs[0].info.run_id, [m.step for m in history], [m.value for m in history]
 
 
+@requires_extra("trl", "trl")
+@requires_extra("datasets", "trl")
+@requires_extra("mlflow", "loggers")
 def test_sft_trainer_with_lora_logs_dips_everywhere_and_a_resumed_run_continues_the_history(
     tmp_path, tiny_tokenizer, tiny_pairs, monkeypatch
 ):
-    pytest.importorskip("trl", reason=TRL_HINT)
-    pytest.importorskip("datasets", reason=TRL_HINT)
-    pytest.importorskip("mlflow", reason=MLFLOW_HINT)
     tracking_uri = f"file:{tmp_path / 'mlruns'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 refuses a file store without it
@@ -135,9 +133,9 @@ def test_sft_trainer_with_lora_logs_dips_everywhere_and_a_resumed_run_continues_
     assert monitor.history[-1][key] == pytest.approx(final[key], rel=1e-5, abs=1e-6)
 
 
+@requires_extra("trl", "trl")
+@requires_extra("datasets", "trl")
 def test_the_readme_trl_example_runs_as_written(tmp_path, tiny_tokenizer, tiny_pairs, monkeypatch):
-    pytest.importorskip("trl", reason=TRL_HINT)
-    pytest.importorskip("datasets", reason=TRL_HINT)
     from datasets import Dataset
     from trl import SFTConfig
 
