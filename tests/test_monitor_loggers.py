@@ -10,13 +10,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_tiny_model, quiet_trainer
+from conftest import make_tiny_model, quiet_trainer, requires_extra
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from peft import LoraConfig, get_peft_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from dipreg.callbacks import DipMonitor
+
+pytestmark = [requires_extra("wandb", "loggers"), requires_extra("mlflow", "loggers")]
 
 KEY = "dip/logit/max_wrong_dip"
 STEPS = [0, 2, 4]
