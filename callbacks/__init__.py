@@ -1,21 +1,44 @@
-"""Lightning callbacks that watch the wrong-dip during other people's fine-tunes (installed as dipreg.callbacks),
-and :class:`TrainingHealth`, which stops a fit whose loss is non-finite or stuck at ``ln V``.
+"""Callbacks that watch the wrong-dip during other people's fine-tunes (installed as dipreg.callbacks), and
+:class:`TrainingHealth`, which stops a fit whose loss is non-finite or stuck at ``ln V``.
 
-``dipreg.callbacks.hf.DipMonitorCallback`` is the same monitor for the HF ``Trainer``.
+:class:`DipTracker` is the monitor for any loop (plain PyTorch, Fabric); the Lightning :class:`DipMonitor` and
+``dipreg.callbacks.hf.DipMonitorCallback`` (HF ``Trainer``) are shells over it. Names are served lazily, so that
+``from dipreg.callbacks import DipTracker`` does not import Lightning.
 """
 
-from dipreg.callbacks.compression_retention import CompressionRetention
-from dipreg.callbacks.dip_monitor import DipMonitor
-from dipreg.callbacks.health import TrainingDivergedError, TrainingHealth
-from dipreg.callbacks.heldout import HeldOutEval
-from dipreg.callbacks.probe import DipProbe, MonitorSetupError
+import importlib
 
 __all__ = [
     "CompressionRetention",
     "DipMonitor",
     "DipProbe",
+    "DipReading",
+    "DipTracker",
     "HeldOutEval",
     "MonitorSetupError",
     "TrainingDivergedError",
     "TrainingHealth",
 ]
+
+#: The module that defines each public name.
+_HOMES = {
+    "CompressionRetention": "dipreg.callbacks.compression_retention",
+    "DipMonitor": "dipreg.callbacks.dip_monitor",
+    "DipProbe": "dipreg.callbacks.probe",
+    "DipReading": "dipreg.callbacks.tracker",
+    "DipTracker": "dipreg.callbacks.tracker",
+    "HeldOutEval": "dipreg.callbacks.heldout",
+    "MonitorSetupError": "dipreg.callbacks.probe",
+    "TrainingDivergedError": "dipreg.callbacks.health",
+    "TrainingHealth": "dipreg.callbacks.health",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'dipreg.callbacks' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

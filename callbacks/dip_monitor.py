@@ -8,7 +8,7 @@ in the checkpoint so that a resumed run continues its curves.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +16,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torchmetrics.aggregation import MeanMetric
 
-from dipreg.agreement import item_agreement
-from dipreg.artifacts import write_json
-from dipreg.callbacks.figures import history_figure, trajectory_figure
 from dipreg.callbacks.probe import (
     DipProbe,
     ModelGetter,
-    ProbeResult,
     ProbeSchedule,
     find_hf_model,
     positive_int,
-    resolve_pairs,
     resolve_prompt,
     resolve_tokenizer,
 )
+from dipreg.callbacks.tracker import DipTracker
 from dipreg.metrics import DEFAULT_WINDOW
 from dipreg.prompting import PromptFormat
 from dipreg.stimuli import MinimalPair
@@ -40,10 +35,15 @@ from dipreg.stimuli import MinimalPair
 class DipMonitor(Callback):
     """Log held-out accuracy, ``max_wrong_dip``, ``commit_layer_frac`` and the late-binding rate per lens.
 
+    A Lightning shell over :class:`~dipreg.callbacks.DipTracker`, which probes, keeps the history and draws.
     Scalars go under ``dip/<lens>/...`` (overall, ``family/<name>/``, and ``safety/`` when the probe set has safety
-    items) to every logger; with a TensorBoard logger also, once per run, a custom-scalars layout (each metric on one
-    chart with every lens, and per lens each metric by family), a histogram of per-item dips and two figures (current
-    mean trajectory per lens, and the history of accuracy vs dip over steps) sized for TensorBoard's image cards.
+    items) to every logger, and into ``trainer.callback_metrics`` after each probe (as tensors), so
+    ``EarlyStopping(monitor="dip/causal/max_wrong_dip", mode="min")`` and ``ModelCheckpoint(monitor=..., mode="min")``
+    can watch them. Two figures (current mean trajectory per lens, and the history of accuracy vs dip over steps),
+    sized for TensorBoard's image cards, go to every logger: TensorBoard (``add_figure``, with a histogram of
+    per-item dips and, once per run, a custom-scalars layout: each metric on one chart with every lens, and per lens
+    each metric by family), W&B (``log_image``), MLflow (``log_figure``, artifacts ``dip/<figure>/step_<step>.png``)
+    and, for a logger with no image API (``CSVLogger``), PNG files at ``<log_dir>/dip/<figure>/step_<step>.png``.
     The probe set is sharded across ranks and reduced with torchmetrics, so distributed runs log the same values as
     one process. An item whose trajectory is NaN/infinite or exactly 0 at every layer (a diverged model) counts as
     NaN, so the scalars covering it are logged as NaN (never as a clean-looking 0), and a warning
@@ -64,7 +64,8 @@ class DipMonitor(Callback):
             a ``PreTrainedTokenizerBase`` (e.g. ``self.tok``), else the tokenizer saved with the HF model
             (``AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)``); see
             :func:`~dipreg.callbacks.probe.resolve_tokenizer`.
-        on_validation_end: also probe at the end of every validation run.
+        on_validation_end: also probe at the end of every validation run (before ``EarlyStopping`` and
+            ``ModelCheckpoint`` check it, wherever they stand in the callback list).
         batch_size: contexts per probe forward.
         window: relative-depth window of ``max_wrong_dip``.
         prompt: prompt style for the probe contexts (``"auto"``, ``"raw"``, ``"chat"``, or a
@@ -122,11 +123,30 @@ class DipMonitor(Callback):
         self.log_figures = log_figures
         self.history_file = history_file
         self.lens_options = lens_options or {}
-        self.probe: DipProbe | None = None
-        self.history: list[dict[str, float]] = []
-        self.last_step = -1
-        self._agreement_metrics: dict[str, MeanMetric] = {}
+        #: The :class:`~dipreg.callbacks.DipTracker` that probes, keeps the history and logs; built at ``setup``
+        #: (the prompt style may come from the datamodule).
+        self.tracker: DipTracker | None = None
+        self._restored: dict[str, Any] = {}  # a checkpoint's state loaded before setup built the tracker
         self._final_probe = False
+
+    @property
+    def probe(self) -> DipProbe | None:
+        """The tracker's :class:`~dipreg.callbacks.probe.DipProbe` (``None`` before ``setup``)."""
+        return None if self.tracker is None else self.tracker.dip_probe
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One ``{"step": ..., <scalar>: ...}`` per probe (a resumed run's includes the checkpoint's)."""
+        if self.tracker is None:
+            return [dict(h) for h in self._restored.get("history", [])]
+        return self.tracker.history
+
+    @property
+    def last_step(self) -> int:
+        """The step of the last probe (``-1`` before any)."""
+        if self.tracker is None:
+            return int(self._restored.get("last_step", -1))
+        return self.tracker.last_step
 
     @property
     def state_key(self) -> str:
@@ -138,17 +158,24 @@ class DipMonitor(Callback):
         """Find the model and tokenizer, resolve the prompt style (``prompt=None``: the datamodule's) and audit the
         pairs now, so a misconfiguration never waits for step N."""
         tokenizer = self._tokenizer(pl_module, find_hf_model(pl_module, self.model_getter))
-        if self.probe is None:
+        if self.tracker is None:
             self.resolved_prompt = resolve_prompt(self.prompt, trainer, "DipMonitor")
-            self.probe = DipProbe(
-                resolve_pairs(self.pairs_spec),
-                self.lenses,
+            self.tracker = DipTracker(
+                self.pairs_spec,
+                lenses=self.lenses,
+                every_n_steps=self.every_n_steps,
                 batch_size=self.batch_size,
                 window=self.window,
                 prompt=self.resolved_prompt,
+                causal_every=self.schedule.causal_every,
+                figures_every=self.schedule.figures_every,
+                log_figures=self.log_figures,
                 lens_options=self.lens_options,
+                model=self.model_getter,
+                owner="DipMonitor",
             )
-        self.probe.check(tokenizer)
+            self.tracker.load_state_dict(self._restored)
+        self.tracker.check(tokenizer)
         if not trainer.loggers:
             rank_zero_warn("DipMonitor: the Trainer has no logger; dips go only to the history JSON.")
 
@@ -156,8 +183,8 @@ class DipMonitor(Callback):
         return resolve_tokenizer(self.tokenizer, pl_module, "DipMonitor", model)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Write the custom-scalars layout (global rank zero), then probe once before the first step (not again on
-        resume)."""
+        """Write the custom-scalars layout (global rank zero), then probe once before the first step; on resume,
+        put the checkpoint's last values back into ``trainer.callback_metrics`` instead."""
         if trainer.is_global_zero and self.probe is not None:
             layout = self.probe.custom_scalars_layout()
             for logger in trainer.loggers:
@@ -165,96 +192,88 @@ class DipMonitor(Callback):
                     logger.experiment.add_custom_scalars(layout)
         if trainer.global_step == 0 and not self.history:
             self._probe(trainer, pl_module)
+        elif self.tracker is not None:
+            _publish(trainer, self.tracker.latest())
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Probe when the optimizer step count reaches a multiple of ``every_n_steps`` (once per step)."""
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and step != self.last_step and step not in self._steps_done():
+        if self.tracker is not None and step != self.last_step and self.tracker.due(step):
             self._probe(trainer, pl_module)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Probe at validation end when asked to (skipped during the sanity check)."""
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Probe at the end of every validation run when asked to (skipped during the sanity check).
+
+        ``on_validation_epoch_end`` rather than ``on_validation_end``: every callback's epoch-end hook runs before
+        any callback's ``on_validation_end``, where ``EarlyStopping`` and ``ModelCheckpoint`` read
+        ``trainer.callback_metrics``, so they see this probe wherever the monitor stands in the callback list."""
         if (
             self.probe_on_validation_end
             and not trainer.sanity_checking
-            and trainer.global_step not in self._steps_done()
+            and trainer.global_step not in self.tracker.steps
         ):
             self._probe(trainer, pl_module)
 
-    def _steps_done(self) -> set[int]:
-        return {int(h["step"]) for h in self.history}
-
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        assert self.probe is not None, "setup() did not run"
-        model = find_hf_model(pl_module, self.model_getter)
-        index = len(self.history)
-        lenses = self.lenses if self._final_probe else self.schedule.lenses_for(index)
-        tokenizer = self._tokenizer(pl_module, model)
+        assert self.tracker is not None, "setup() did not run"
+        tokenizer = self._tokenizer(pl_module, find_hf_model(pl_module, self.model_getter))
         step = trainer.global_step
+        lenses = self.tracker.next_lenses(all_lenses=self._final_probe)
         # One line when a probe starts and one when it ends, so a long probe never looks like a hang.
-        rank_zero_info(f"DipMonitor: probing at step {step}: {len(self.probe.pairs)} pairs, lenses {'+'.join(lenses)}")
+        pairs = len(self.tracker.dip_probe.pairs)
+        rank_zero_info(f"DipMonitor: probing at step {step}: {pairs} pairs, lenses {'+'.join(lenses)}")
         start = time.perf_counter()
-        result = self.probe.run(model, tokenizer, trainer.global_rank, trainer.world_size, lenses, root=trainer.model)
+        reading = self.tracker.probe(
+            pl_module,
+            step,
+            tokenizer=tokenizer,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            root=trainer.model,
+            all_lenses=self._final_probe,
+        )
         rank_zero_info(f"DipMonitor: probe at step {step} took {time.perf_counter() - start:.1f} s")
-        self.last_step = step
-        result.scalars.update(self._agreement(result, model))
-        self.history.append({"step": float(step), **result.scalars})
-        unreadable = result.unreadable_message(len(self.probe.pairs))
-        if unreadable:
-            rank_zero_warn(f"DipMonitor at step {step}: unreadable trajectories, {unreadable}")
-        for logger in trainer.loggers:
-            logger.log_metrics(result.scalars, step=step)
-        if trainer.is_global_zero and self.log_figures and self.schedule.figures_for(index):
-            self._log_figures(trainer, result, step)
-
-    def _agreement(self, result: ProbeResult, model: Any) -> dict[str, float]:
-        """``dip/agreement/{spearman,sign}`` (:mod:`dipreg.agreement`) when this probe read both the logit and the
-        causal lens: per-item means over this rank's items, reduced over ranks (collective, like the probe)."""
-        if not {"logit", "causal"} <= set(result.local):
-            return {}
-        device = next(model.parameters()).device
-        rho, sign = item_agreement(result.local["logit"].did, result.local["causal"].did, self.window)
-        out = {}
-        for name, values in (("spearman", rho), ("sign", sign)):
-            metric = self._agreement_metrics.setdefault(name, MeanMetric(nan_strategy="ignore")).to(device)
-            kept = torch.tensor([v for v in values if v == v], dtype=torch.float64, device=device)  # NaN: undefined
-            if kept.numel():
-                metric.update(kept)
-            else:  # an empty shard still updates, so that every rank syncs the same metric
-                metric.update(torch.zeros(1, dtype=torch.float64, device=device), weight=0.0)
-            out[f"dip/agreement/{name}"] = float(metric.compute())
-            metric.reset()
-        return out
-
-    def _log_figures(self, trainer: pl.Trainer, result: ProbeResult, step: int) -> None:
-        writers = [lg.experiment for lg in trainer.loggers if hasattr(lg.experiment, "add_figure")]
-        for writer in writers:
-            for lens, traj in result.local.items():
-                writer.add_histogram(f"dip/{lens}/max_wrong_dip_items", traj.max_wrong_dip, step)
-            writer.add_figure("dip/trajectories", trajectory_figure(result.local), step, close=True)
-            writer.add_figure("dip/history", history_figure(self.history, self.lenses), step, close=True)
+        _publish(trainer, reading.scalars)
+        if trainer.is_global_zero:  # loggers are dummies on the other ranks, and figures are drawn once
+            self.tracker.log(reading, trainer.loggers)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Probe the final weights with every lens (unless the last step was just probed), then write the history
         JSON next to the logs (global rank zero)."""
-        if self.probe is not None and trainer.global_step not in self._steps_done():
+        if self.tracker is not None and trainer.global_step not in self.tracker.steps:
             self._final_probe = True  # every lens, whatever causal_every says: these are the final numbers
             try:
                 self._probe(trainer, pl_module)
             finally:
                 self._final_probe = False
         folder = Path(trainer.log_dir or trainer.default_root_dir)  # log_dir broadcasts: every rank asks
-        if trainer.is_global_zero:
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / self.history_file, {"lenses": list(self.lenses), "history": self.history})
+        if trainer.is_global_zero and self.tracker is not None:
+            self.tracker.write_history(folder / self.history_file)
 
     def state_dict(self) -> dict[str, Any]:
         """History and the last probed step (primitives only: checkpoints load with weights_only=True)."""
-        return {"history": [dict(h) for h in self.history], "last_step": self.last_step}
+        if self.tracker is None:
+            return {"history": self.history, "last_step": self.last_step}
+        return self.tracker.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the history so that a resumed run continues the curves without gaps or duplicates."""
-        self.history = [dict(h) for h in state_dict.get("history", [])]
-        self.last_step = int(state_dict.get("last_step", -1))
+        if self.tracker is None:
+            self._restored = dict(state_dict)
+        else:
+            self.tracker.load_state_dict(state_dict)
+
+
+def _publish(trainer: pl.Trainer, scalars: Mapping[str, float]) -> None:
+    """Put ``scalars`` into ``trainer.callback_metrics`` (as float64 CPU tensors), where ``EarlyStopping`` and
+    ``ModelCheckpoint(monitor="dip/...")`` read them.
+
+    Written into the dict directly rather than through ``pl_module.log``: the probe of step 0 runs in
+    ``on_train_start`` and the final one in ``on_train_end``, where ``self.log`` is refused, and ``self.log`` in a
+    validation hook would reduce the value over the validation epoch. No sync is needed under DDP: the probe has
+    already reduced the scalars over ranks, so every rank writes the same values and the stopping decision
+    ``EarlyStopping`` reduces over ranks is the same everywhere. Lightning clears ``callback_metrics`` only at the
+    start of a fit and around the sanity check, both before the first probe."""
+    trainer.callback_metrics.update({key: torch.tensor(value, dtype=torch.float64) for key, value in scalars.items()})
