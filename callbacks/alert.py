@@ -2,7 +2,8 @@
 
 The rule is plain Python over the scalars a dip probe produces (``dip/<lens>/accuracy`` and
 ``dip/<lens>/max_wrong_dip``, as :class:`~dipreg.callbacks.DipMonitor` logs them), so any training loop can feed it.
-It imports no training framework: :class:`dipreg.callbacks.DipAlert` is the Lightning shell around it.
+It imports no training framework (``from dipreg.callbacks import DipAlertRule`` does not import Lightning), as
+:class:`~dipreg.callbacks.DipTracker` does not: :class:`dipreg.callbacks.DipAlert` is the Lightning shell around it.
 
 The rule, per watched lens:
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dipreg.alert import DipAlertRule
+from dipreg.callbacks.alert import DipAlertRule
 
 
 def probe(accuracy: float, dip: float, lens: str = "causal") -> dict[str, float]:
