@@ -122,6 +122,8 @@ class ProbeRecorder(Callback):
         record = {
             "probes": self.records,
             "history": self.monitor.history,
+            # what EarlyStopping / ModelCheckpoint would read on this rank
+            "published": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("dip/")},
             "retention": retention,
             "shard_restored": local_checksum(trainer.model) == before,
         }

@@ -62,6 +62,8 @@ def test_two_ranks_run_equal_forwards_on_their_own_shards_and_match_one_process(
     assert all(p["rows"] for p in ranks[0]["probes"])
     for rank in ranks:
         assert rank["history"] == ranks[0]["history"]
+        # every rank holds the last probe's scalars in trainer.callback_metrics (EarlyStopping decides alike)
+        assert rank["published"] == {k: v for k, v in ranks[0]["history"][-1].items() if k != "step"}
         assert rank["shard_restored"] is True
         assert rank["retention"] == pytest.approx(one_process["retention"], abs=1e-6, nan_ok=True)
     single, double = one_process["history"], ranks[0]["history"]
