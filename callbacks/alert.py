@@ -27,9 +27,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["DipAlarm", "DipAlertRule"]
+__all__ = ["ACTIONS", "AlertShell", "DipAlarm", "DipAlertRule"]
+
+#: What a framework shell does on an alarm: ``"warn"`` (one line per alarm) or ``"stop"`` (the line, then stop).
+ACTIONS = ("warn", "stop")
 
 
 def _number(owner: str, name: str, value: object, low: float, high: float, hint: str) -> float:
@@ -221,3 +224,48 @@ def _read(lens: str, scalars: Mapping[str, Any]) -> tuple[float, float] | None:
     if accuracy is None or dip is None:
         return None
     return float(accuracy), float(dip)
+
+
+class AlertShell:
+    """What the framework shells (:class:`~dipreg.callbacks.DipAlert`, ``DipAlertCallback``) share: their constructor
+    (the rule's settings and an ``action``), the alarms raised so far, and the step training was stopped at.
+
+    Args:
+        lenses, min_accuracy, max_rise, patience: the :class:`DipAlertRule`'s.
+        action: ``"warn"`` (one line per alarm) or ``"stop"`` (the line, then stop training).
+    """
+
+    def __init__(
+        self,
+        lenses: Sequence[str] = ("causal",),
+        *,
+        min_accuracy: float = 0.95,
+        max_rise: float = 0.1,
+        patience: int = 2,
+        action: Literal["warn", "stop"] = "warn",
+    ) -> None:
+        self.rule = DipAlertRule(lenses, min_accuracy=min_accuracy, max_rise=max_rise, patience=patience)
+        if action not in ACTIONS:
+            raise ValueError(f"{type(self).__name__}: action must be 'warn' or 'stop', got {action!r}.")
+        self.action = action
+        #: Every alarm raised in this process's run.
+        self.alarms: list[DipAlarm] = []
+        #: The step at which training was stopped, ``-1`` while it was not.
+        self.stopped_step = -1
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor's arguments (JSON-ready), e.g. to tell two alerts apart in a checkpoint."""
+        rule = self.rule
+        return {
+            "lenses": list(rule.lenses),
+            "min_accuracy": rule.min_accuracy,
+            "max_rise": rule.max_rise,
+            "patience": rule.patience,
+            "action": self.action,
+        }
+
+    def take(self, step: int, scalars: Mapping[str, float]) -> list[DipAlarm]:
+        """Feed one probe to the rule; the alarms it raised (also kept in :attr:`alarms`)."""
+        alarms = self.rule.update(step, scalars)
+        self.alarms.extend(alarms)
+        return alarms

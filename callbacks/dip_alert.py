@@ -7,21 +7,18 @@ the monitor puts its scalars, and adds ``dip/<lens>/max_wrong_dip_saturated`` th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from dipreg.callbacks.alert import DipAlarm, DipAlertRule
+from dipreg.callbacks.alert import AlertShell
 from dipreg.callbacks.dip_monitor import DipMonitor
 from dipreg.callbacks.probe import MonitorSetupError
 
 __all__ = ["DipAlert", "saturated_key"]
-
-ACTIONS = ("warn", "stop")
 
 
 def saturated_key(lens: str) -> str:
@@ -29,7 +26,7 @@ def saturated_key(lens: str) -> str:
     return f"dip/{lens}/max_wrong_dip_saturated"
 
 
-class DipAlert(Callback):
+class DipAlert(AlertShell, Callback):
     """Warn or stop when a lens's ``max_wrong_dip`` rises after its held-out accuracy saturated.
 
     After every probe of the :class:`~dipreg.callbacks.DipMonitor` it watches (the first in the Trainer's callbacks
@@ -63,32 +60,13 @@ class DipAlert(Callback):
         ])
     """
 
-    def __init__(
-        self,
-        lenses: Sequence[str] = ("causal",),
-        *,
-        min_accuracy: float = 0.95,
-        max_rise: float = 0.1,
-        patience: int = 2,
-        action: Literal["warn", "stop"] = "warn",
-    ) -> None:
-        self.rule = DipAlertRule(lenses, min_accuracy=min_accuracy, max_rise=max_rise, patience=patience)
-        if action not in ACTIONS:
-            raise MonitorSetupError(f"DipAlert: action must be 'warn' or 'stop', got {action!r}.")
-        self.action = action
-        #: Every alarm raised in this process's run (the last ones on resume only).
-        self.alarms: list[DipAlarm] = []
-        #: The step at which the fit was stopped, ``-1`` while it was not.
-        self.stopped_step = -1
-        self._monitor: DipMonitor | None = None
+    #: The monitor whose probes this alert takes, found at ``setup``.
+    _monitor: DipMonitor | None = None
 
     @property
     def state_key(self) -> str:
         """Distinguishes alerts with different lenses or settings in one checkpoint."""
-        rule = self.rule
-        return self._generate_state_key(
-            lenses=rule.lenses, min_accuracy=rule.min_accuracy, max_rise=rule.max_rise, patience=rule.patience
-        )
+        return self._generate_state_key(**self.settings())
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Find the monitor that reads every watched lens, listed before this callback, so that a misconfiguration
@@ -136,13 +114,15 @@ class DipAlert(Callback):
         if step <= self.rule.last_step:
             return
         metrics = trainer.callback_metrics
-        scalars = {key: float(value) for key, value in metrics.items() if key.startswith("dip/")}
+        # Only the keys this probe wrote: callback_metrics keeps a lens's last values while probes skip it
+        # (causal_every), and a stale value is no reading of this step.
+        written = self._monitor.history[-1]
+        scalars = {key: float(metrics[key]) for key in written if key.startswith("dip/") and key in metrics}
         for lens in self.rule.lenses:
             gated = self.rule.gated_dip(lens, scalars)
             if gated is not None:
                 metrics[saturated_key(lens)] = torch.tensor(gated, dtype=torch.float64)
-        alarms = self.rule.update(step, scalars)
-        self.alarms.extend(alarms)
+        alarms = self.take(step, scalars)
         stop = self.action == "stop" and bool(alarms)
         if self.action == "stop":  # every rank calls the collective at every probe, as EarlyStopping does
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from dipreg.callbacks.alert import DipAlarm, DipAlertRule
+from dipreg.callbacks.alert import AlertShell
 
 __all__ = ["DipAlertCallback"]
 
 log = logging.getLogger(__name__)
 
 
-class DipAlertCallback(TrainerCallback, ExportableState):
+class DipAlertCallback(AlertShell, TrainerCallback, ExportableState):
     """Warn, or stop training, when a lens's ``max_wrong_dip`` regresses after its held-out accuracy saturated.
 
     Each logged entry holding a watched lens's ``dip/<lens>/accuracy`` and ``dip/<lens>/max_wrong_dip`` goes through
@@ -51,34 +50,6 @@ class DipAlertCallback(TrainerCallback, ExportableState):
         ])
     """
 
-    def __init__(
-        self,
-        lenses: Sequence[str] = ("causal",),
-        *,
-        min_accuracy: float = 0.95,
-        max_rise: float = 0.1,
-        patience: int = 2,
-        action: Literal["warn", "stop"] = "warn",
-    ) -> None:
-        self.rule = DipAlertRule(lenses, min_accuracy=min_accuracy, max_rise=max_rise, patience=patience)
-        if action not in ("warn", "stop"):
-            raise ValueError(f"DipAlertCallback: action must be 'warn' or 'stop', got {action!r}.")
-        self.action = action
-        #: Every alarm raised in this process's run.
-        self.alarms: list[DipAlarm] = []
-        #: The step at which training was stopped, ``-1`` while it was not.
-        self.stopped_step = -1
-
-    def _arguments(self) -> dict[str, Any]:
-        rule = self.rule
-        return {
-            "lenses": list(rule.lenses),
-            "min_accuracy": rule.min_accuracy,
-            "max_rise": rule.max_rise,
-            "patience": rule.patience,
-            "action": self.action,
-        }
-
     @property
     def rule_state(self) -> dict[str, Any]:
         """The rule's state (what :meth:`state` saves; assigning it restores the rule)."""
@@ -91,7 +62,7 @@ class DipAlertCallback(TrainerCallback, ExportableState):
     def state(self) -> dict[str, Any]:
         """The stateful-callback protocol (``ExportableState``): constructor arguments and the rule's state."""
         attributes = {"rule_state": self.rule_state, "stopped_step": self.stopped_step}
-        return {"args": self._arguments(), "attributes": attributes}
+        return {"args": self.settings(), "attributes": attributes}
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -100,7 +71,7 @@ class DipAlertCallback(TrainerCallback, ExportableState):
         if self.rule.last_step >= 0:
             return
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        mine = json.loads(json.dumps(self._arguments()))  # as it reads back from trainer_state.json
+        mine = json.loads(json.dumps(self.settings()))  # as it reads back from trainer_state.json
         for entry in saved if isinstance(saved, list) else [saved] if saved else []:
             if entry.get("args") == mine:
                 self.rule_state = entry["attributes"]["rule_state"]
@@ -118,10 +89,9 @@ class DipAlertCallback(TrainerCallback, ExportableState):
         logs = logs or {}
         if not any(f"dip/{lens}/max_wrong_dip" in logs for lens in self.rule.lenses):
             return None  # another entry (the training loss ...) at a step a probe may still log at
-        alarms = self.rule.update(state.global_step, logs)
+        alarms = self.take(state.global_step, logs)
         if not alarms:
             return None
-        self.alarms.extend(alarms)
         stop = self.action == "stop"
         if state.is_world_process_zero:
             for alarm in alarms:

@@ -111,16 +111,35 @@ def _probe_scalars(accuracy: float, dip: float) -> dict[str, torch.Tensor]:
     return {"dip/causal/accuracy": torch.tensor(accuracy), "dip/causal/max_wrong_dip": torch.tensor(dip)}
 
 
+def _probed(alert: DipAlert, trainer: SimpleNamespace, step: int, scalars: dict[str, torch.Tensor]) -> None:
+    """What DipMonitor does at a probe (history entry, scalars into callback_metrics), then the alert's check."""
+    alert._monitor.last_step = step
+    alert._monitor.history.append({"step": float(step), **{k: float(v) for k, v in scalars.items()}})
+    trainer.callback_metrics.update(scalars)
+    alert._check(trainer)
+
+
+def _fake_fit() -> SimpleNamespace:
+    return SimpleNamespace(callback_metrics={}, strategy=None, should_stop=False)
+
+
 def test_the_gated_dip_is_published_and_infinite_below_saturated_accuracy():
-    alert = DipAlert(("causal",), min_accuracy=0.9)
-    alert._monitor = SimpleNamespace(last_step=0)
-    trainer = SimpleNamespace(callback_metrics=_probe_scalars(0.5, 0.25), strategy=None, should_stop=False)
-    alert._check(trainer)
+    alert, trainer = DipAlert(("causal",), min_accuracy=0.9), _fake_fit()
+    alert._monitor = SimpleNamespace(last_step=-1, history=[])
+    _probed(alert, trainer, 0, _probe_scalars(0.5, 0.25))
     assert math.isinf(float(trainer.callback_metrics[saturated_key("causal")]))
-    alert._monitor.last_step = 15
-    trainer.callback_metrics.update(_probe_scalars(0.95, 0.5))
-    alert._check(trainer)
+    _probed(alert, trainer, 15, _probe_scalars(0.95, 0.5))
     assert float(trainer.callback_metrics[saturated_key("causal")]) == 0.5
+
+
+def test_a_probe_that_skipped_a_lens_is_not_read_from_its_stale_metrics():
+    alert, trainer = DipAlert(("causal",), min_accuracy=0.9, max_rise=0.1, patience=1), _fake_fit()
+    alert._monitor = SimpleNamespace(last_step=-1, history=[])
+    _probed(alert, trainer, 0, _probe_scalars(1.0, 0.0))
+    _probed(alert, trainer, 15, _probe_scalars(1.0, 0.5))  # regressed: an alarm at 15
+    logit_only = {"dip/logit/accuracy": torch.tensor(1.0), "dip/logit/max_wrong_dip": torch.tensor(0.0)}
+    _probed(alert, trainer, 30, logit_only)  # causal_every=2: the causal values in callback_metrics are step 15's
+    assert [alarm.step for alarm in alert.alarms] == [15]
 
 
 def _trainer(callbacks: list) -> pl.Trainer:
