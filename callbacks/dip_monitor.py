@@ -86,6 +86,10 @@ class DipMonitor(Callback):
         from dipreg.callbacks import DipMonitor
         trainer = L.Trainer(callbacks=[DipMonitor("core", every_n_steps=15, lenses=("logit", "causal"))])
         trainer.fit(my_lora_module, datamodule)
+
+        # keep the checkpoint with the lowest causal dip (checked at the monitor's probe steps)
+        keep = ModelCheckpoint(monitor="dip/causal/max_wrong_dip", mode="min", every_n_train_steps=15)
+        trainer = L.Trainer(callbacks=[DipMonitor("core", every_n_steps=15), keep])
     """
 
     def __init__(
@@ -199,8 +203,7 @@ class DipMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Probe when the optimizer step count reaches a multiple of ``every_n_steps`` (once per step)."""
-        step = trainer.global_step
-        if self.tracker is not None and step != self.last_step and self.tracker.due(step):
+        if self.tracker is not None and self.tracker.due(trainer.global_step):
             self._probe(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

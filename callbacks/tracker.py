@@ -133,7 +133,7 @@ class DipTracker:
             a getter ``fn(module) -> model``.
         sinks: where :meth:`probe` logs each reading (rank 0): a TensorBoard ``SummaryWriter``, a Lightning or
             Fabric logger, a callable ``fn(scalars, step)``, or a sequence of them (see
-            :mod:`dipreg.callbacks.sinks`).
+            :mod:`dipreg.callbacks.sinks`); ``None`` or ``()``: none.
         owner: the name that warnings and errors start with.
 
     Example::
@@ -166,7 +166,7 @@ class DipTracker:
         log_figures: bool = True,
         lens_options: dict[str, dict[str, Any]] | None = None,
         model: ModelGetter = None,
-        sinks: Sink | Sequence[Sink] = (),
+        sinks: Sink | Sequence[Sink] | None = (),
         owner: str = "DipTracker",
     ) -> None:
         self.every_n_steps = positive_int("every_n_steps", every_n_steps)
@@ -183,7 +183,7 @@ class DipTracker:
         )
         self.log_figures = log_figures
         self.model_getter = model
-        self.sinks = list(sinks) if isinstance(sinks, list | tuple) else [sinks]
+        self.sinks = [] if sinks is None else list(sinks) if isinstance(sinks, list | tuple) else [sinks]
         for sink in self.sinks:
             check_sink(sink)
         self.owner = owner

@@ -144,6 +144,15 @@ def quiet_training_args(output_dir: Path, max_steps: int, batch_size: int = 2) -
     )
 
 
+def quiet_trainer(root: Path, callbacks: list, **kwargs: Any) -> Any:
+    """A one-process CPU Lightning ``Trainer`` writing under ``root`` with no progress bar, model summary or logger
+    unless ``kwargs`` (any other ``Trainer`` argument) say otherwise."""
+    import lightning.pytorch as pl
+
+    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False, **kwargs}
+    return pl.Trainer(default_root_dir=root, accelerator="cpu", devices=1, callbacks=callbacks, **options)
+
+
 @pytest.fixture(params=ARCHITECTURES)
 def tiny_model(request):
     """One tiny model per supported architecture."""

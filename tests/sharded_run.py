@@ -6,7 +6,8 @@ group the first fit sets up, so the two strategies cost one interpreter start an
 
 Each rank writes ``OUT/<strategy>/rank<r>.json`` (``OUT/rank<r>.json`` for :func:`run` called directly): per
 probe, the ids of the pairs it measured and the batch rows of every backbone forward it ran (a forward pre-hook
-counts them); its monitor history; and the retention scalars of the final weights with its shard checksum before
+counts them); its monitor history; what a ``DipTracker`` left to find its rank read from the final weights; and the
+retention scalars of the final weights with its shard checksum before
 and after.
 """
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny_model, tiny_tokenizer
 
 from dipreg.adapter import ModelAdapter
-from dipreg.callbacks import CompressionRetention, DipMonitor
+from dipreg.callbacks import CompressionRetention, DipMonitor, DipTracker
 from dipreg.callbacks.probe import find_hf_model
 from dipreg.callbacks.sharding import local_checksum
 from dipreg.stimuli import MinimalPair
@@ -117,11 +118,15 @@ class ProbeRecorder(Callback):
         probe.run = recorded_run
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A DipTracker given no rank: it reads rank and world size from torch.distributed, as in a Fabric or DDP loop
+        tracker = DipTracker(PAIRS, tokenizer=pl_module.tokenizer, lenses=("logit", "causal"), batch_size=2)
+        reading = tracker.probe(trainer.model, trainer.global_step)
         before = local_checksum(trainer.model)
         retention = self.retention.evaluate(pl_module, trainer.model)
         record = {
             "probes": self.records,
             "history": self.monitor.history,
+            "tracker": {"ids": reading.probe.item_ids, "scalars": reading.scalars},
             # what EarlyStopping / ModelCheckpoint would read on this rank
             "published": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("dip/")},
             "retention": retention,

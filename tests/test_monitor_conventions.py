@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, quiet_trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
@@ -42,17 +42,7 @@ def batches(n: int, seed: int = 0) -> DataLoader:
 
 
 def fit(tmp_path: Path, module: pl.LightningModule, callbacks: list, *, val: bool = False, **kwargs) -> pl.Trainer:
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        **kwargs,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks, num_sanity_val_steps=0, **kwargs)
     trainer.fit(module, batches(4), batches(2, seed=1) if val else None)
     return trainer
 
@@ -122,16 +112,7 @@ def test_model_checkpoint_keeps_the_lowest_dip_and_continues_after_a_resume(tmp_
         keeper = ModelCheckpoint(
             dirpath=tmp_path / "ckpt", monitor=KEY, mode="min", save_top_k=1, save_last=True, every_n_train_steps=2
         )
-        trainer = pl.Trainer(
-            default_root_dir=tmp_path,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            max_steps=max_steps,
-            callbacks=[keeper, monitor, spy],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+        trainer = quiet_trainer(tmp_path, [keeper, monitor, spy], max_steps=max_steps)
         trainer.fit(LoRAModule(tiny_tokenizer, lr=0.5), batches(4), ckpt_path=ckpt_path)
         return monitor, keeper
 

@@ -64,6 +64,11 @@ def test_two_ranks_run_equal_forwards_on_their_own_shards_and_match_one_process(
         assert rank["history"] == ranks[0]["history"]
         # every rank holds the last probe's scalars in trainer.callback_metrics (EarlyStopping decides alike)
         assert rank["published"] == {k: v for k, v in ranks[0]["history"][-1].items() if k != "step"}
+    # a DipTracker given no rank found it in torch.distributed: each rank measured its own shard of the final
+    # weights and got the monitor's last numbers
+    assert [rank["tracker"]["ids"] for rank in ranks] == [["p0", "p2", "p4", "p6"], ["p1", "p3", "p5"]]
+    for rank in ranks:
+        assert rank["tracker"]["scalars"] == pytest.approx(rank["published"], abs=1e-6, nan_ok=True)
         assert rank["shard_restored"] is True
         assert rank["retention"] == pytest.approx(one_process["retention"], abs=1e-6, nan_ok=True)
     single, double = one_process["history"], ranks[0]["history"]

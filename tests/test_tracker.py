@@ -3,9 +3,12 @@ the tracker says, each reading equal to ``dipreg.trajectories`` of the live weig
 
 from __future__ import annotations
 
+import json
 import math
+import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
@@ -18,6 +21,8 @@ from torch.utils.tensorboard import SummaryWriter
 import dipreg
 from dipreg.agreement import item_agreement
 from dipreg.callbacks import DipTracker, MonitorSetupError
+
+KEY_LOGIT = "dip/logit/max_wrong_dip"
 
 
 def reference(model, tokenizer, pairs, lenses) -> dict[str, float]:
@@ -154,3 +159,48 @@ def test_a_nan_reading_warns_once_and_keeps_nan(tiny_tokenizer, tiny_pairs):
     with pytest.warns(UserWarning, match="DipTracker at step 0: unreadable trajectories, logit: 0 non-finite, 4"):
         reading = tracker.probe(model, 0)
     assert math.isnan(reading.scalars["dip/logit/max_wrong_dip"])
+
+
+EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "own_loop.py"
+
+
+def test_the_readme_shows_the_own_loop_example_verbatim():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Use it in your own loop", 1)[1]
+    block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert block == EXAMPLE.read_text()
+
+
+def test_the_own_loop_example_runs_and_logs_every_probe(tmp_path, tiny_tokenizer, tiny_pairs, capsys):
+    """The README's example, run as written with a tiny model, its tokenizer and pairs, and random batches."""
+    example = runpy.run_path(str(EXAMPLE))  # defines main; the __main__ block (the default model) does not run
+    batches = list(torch.randint(2, 40, (5, 2, 12), generator=torch.Generator().manual_seed(0)))
+    tracker = example["main"](make_tiny_model("llama"), tiny_tokenizer, batches, tiny_pairs, str(tmp_path), 2)
+    assert tracker.steps == [0, 2, 4, 5]
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["step 0", "step 2", "step 4"]
+    history = json.loads((tmp_path / "dip_history.json").read_text())["history"]
+    assert [h["step"] for h in history] == [0, 2, 4, 5]
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = [e.value for e in events.Scalars("dip/causal/max_wrong_dip")]
+    assert logged == pytest.approx([h["dip/causal/max_wrong_dip"] for h in history])
+
+
+def test_a_fabric_loop_probes_its_wrapped_model_and_logs_to_fabric_loggers(tmp_path, tiny_tokenizer, tiny_pairs):
+    """One process: the tracker finds the HF model inside Fabric's wrapper and writes to Fabric's loggers (a CSV
+    logger has no image API: the figures become PNG files beside its metrics). The two-process case, where the
+    tracker reads its rank from torch.distributed, runs in tests/sharded_run.py."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import CSVLogger
+
+    fabric = Fabric(accelerator="cpu", devices=1, loggers=[CSVLogger(tmp_path, name="fabric", version=0)])
+    raw = make_tiny_model("llama")
+    alone = DipTracker(tiny_pairs, tokenizer=tiny_tokenizer, lenses=("logit",)).probe(raw, 0).scalars
+    model = fabric.setup_module(raw)
+    tracker = DipTracker(tiny_pairs, tokenizer=tiny_tokenizer, lenses=("logit",), sinks=fabric.loggers)
+    assert tracker.probe(model, 0).scalars == alone
+    fabric.loggers[0].finalize("success")
+    log_dir = tmp_path / "fabric" / "version_0"
+    rows = (log_dir / "metrics.csv").read_text().splitlines()
+    assert KEY_LOGIT in rows[0].split(",") and len(rows) == 2
+    assert sorted(p.name for p in (log_dir / "dip" / "history").iterdir()) == ["step_000000.png"]
