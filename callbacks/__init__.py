@@ -2,14 +2,18 @@
 :class:`TrainingHealth`, which stops a fit whose loss is non-finite or stuck at ``ln V``.
 
 :class:`DipTracker` is the monitor for any loop (plain PyTorch, Fabric); the Lightning :class:`DipMonitor` and
-``dipreg.callbacks.hf.DipMonitorCallback`` (HF ``Trainer``) are shells over it. Names are served lazily, so that
-``from dipreg.callbacks import DipTracker`` does not import Lightning.
+``dipreg.callbacks.hf.DipMonitorCallback`` (HF ``Trainer``) are shells over it. :class:`DipAlertRule` (any loop) and its
+Lightning shell :class:`DipAlert` warn or stop when the dip regresses after accuracy saturated. Names are served
+lazily, so that ``from dipreg.callbacks import DipTracker`` (or ``DipAlertRule``) does not import Lightning.
 """
 
 import importlib
 
 __all__ = [
     "CompressionRetention",
+    "DipAlarm",
+    "DipAlert",
+    "DipAlertRule",
     "DipMonitor",
     "DipProbe",
     "DipReading",
@@ -23,6 +27,9 @@ __all__ = [
 #: The module that defines each public name.
 _HOMES = {
     "CompressionRetention": "dipreg.callbacks.compression_retention",
+    "DipAlarm": "dipreg.callbacks.alert",
+    "DipAlert": "dipreg.callbacks.dip_alert",
+    "DipAlertRule": "dipreg.callbacks.alert",
     "DipMonitor": "dipreg.callbacks.dip_monitor",
     "DipProbe": "dipreg.callbacks.probe",
     "DipReading": "dipreg.callbacks.tracker",

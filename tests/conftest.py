@@ -273,7 +273,19 @@ def _start_two_ranks() -> tuple[Path, Any]:
     return BACKGROUND_DIRS[-1], sharded_run.start(list(sharded_run.JOBS), BACKGROUND_DIRS[-1])
 
 
-BACKGROUND_STARTERS = {"fresh_interpreter": _start_fresh_interpreter, "two_ranks": _start_two_ranks}
+def _start_alert_ranks() -> tuple[Path, Any]:
+    from tests import sharded_run
+
+    BACKGROUND_DIRS.append(Path(tempfile.mkdtemp(prefix="dipreg-alert-ranks-")))
+    script = Path(__file__).parent / "dip_alert_run.py"
+    return BACKGROUND_DIRS[-1], sharded_run.launch(script, [str(BACKGROUND_DIRS[-1])])
+
+
+BACKGROUND_STARTERS = {
+    "fresh_interpreter": _start_fresh_interpreter,
+    "two_ranks": _start_two_ranks,
+    "alert_ranks": _start_alert_ranks,
+}
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -318,6 +330,17 @@ def two_ranks() -> Path:
     from tests import sharded_run
 
     out, ranks = background("two_ranks")
+    sharded_run.finish(ranks)
+    return out
+
+
+@pytest.fixture(scope="session")
+def alert_ranks() -> Path:
+    """``tests/test_dip_alert.py``'s two-process DDP run of ``tests/dip_alert_run.py`` (each rank fits planted,
+    healthy, then split): the folder holding ``<fit>/rank<r>.json``."""
+    from tests import sharded_run
+
+    out, ranks = background("alert_ranks")
     sharded_run.finish(ranks)
     return out
 

@@ -211,6 +211,12 @@ def run_health(out: Path, devices: int) -> None:
 
 def start(strategies: list[str], out: Path, world_size: int = 2) -> list[subprocess.Popen]:
     """Start this script once per rank (the environment ``torchrun`` would give each); :func:`finish` waits."""
+    return launch(Path(__file__), [",".join(strategies), str(out)], world_size)
+
+
+def launch(script: Path, args: list[str], world_size: int = 2) -> list[subprocess.Popen]:
+    """Start ``python script *args`` once per rank with the environment ``torchrun`` would give each (``LOCAL_RANK``
+    set, so Lightning launches no process of its own); :func:`finish` waits."""
     with socket.socket() as sock:  # a free port for the process group's rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -220,7 +226,7 @@ def start(strategies: list[str], out: Path, world_size: int = 2) -> list[subproc
             **os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
             "WORLD_SIZE": str(world_size), "NODE_RANK": "0", "LOCAL_RANK": str(rank), "RANK": str(rank),
         }  # fmt: skip
-        command = [sys.executable, __file__, ",".join(strategies), str(out)]
+        command = [sys.executable, str(script), *args]
         ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return ranks
 

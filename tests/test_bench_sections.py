@@ -40,6 +40,7 @@ REPORTED = {
     "hinge_overhead": (r"dip_reg ([\d.]+)s / output_only ([\d.]+)s", -1.0),
     "hinge_causal_overhead": (r"dip_reg_causal ([\d.]+)s / output_only ([\d.]+)s", -1.0),
     "hinge_tuned_overhead": (r"dip_reg_tuned ([\d.]+)s / output_only ([\d.]+)s", -1.0),
+    "monitor_probe_share": (r"probes ([\d.]+)s / rest of the fit ([\d.]+)s", 0.0),
     "monitor_overhead": (r"([\d.]+)s with monitor .* vs ([\d.]+)s without", -1.0),
     "monitor_overhead_small_step": (r"([\d.]+)s with monitor .* vs ([\d.]+)s without", -1.0),
 }
@@ -133,6 +134,9 @@ def test_every_section_runs_and_bench_json_reports_ratios_of_its_own_timings(
     assert "2 pairs: naive" in saved["details"]["lens_vs_naive_speedup"]["measured"]  # naive on --naive-pairs only
     sft = saved["details"]["monitor_overhead"]["measured"]
     assert "batch 2×16" in sft and "3 probes took" in sft  # steps 0, 2 and 4 of the 4-step fit
+    share = saved["details"]["monitor_probe_share"]
+    assert "batch 2×16" in share["measured"] and share["target"] == "<= 0.05"  # the headline: the SFT-sized step
+    assert saved["details"]["monitor_overhead"]["met"] is None  # two fits' wall ratio: secondary, no target
     assert "batch 1×8" in saved["details"]["monitor_overhead_small_step"]["measured"]
     assert sorted(p.name for p in model_dir.iterdir()) == before  # nothing left in the working directory
     model = loaded.pop("model")
@@ -193,6 +197,38 @@ def test_a_slowed_fast_path_worsens_its_ratio(
 def test_probe_share_is_probe_time_over_the_rest_of_the_fit():
     run = bench_monitor.OverheadRun((8, 256), bare_s=100.0, monitored_s=106.0, probe_s=6.0, probes=3)
     assert run.overhead == pytest.approx(0.06) and run.probe_share == pytest.approx(0.06)
+
+
+FAKE_PROBE_S = 0.05
+
+
+def test_probe_share_accounts_a_fake_probe_of_known_cost(
+    llama_tiny, tiny_tokenizer, tiny_pairs, small_monitor_runs, tmp_path, monkeypatch
+):
+    """A probe made dearer by a sleep of known length: the run counts each probe once, adds at least the sleeps to
+    the probe time, and the headline ratio is the recorded probe time over the recorded rest of the fit."""
+    from dipreg.callbacks.dip_monitor import DipMonitor
+
+    calls, real_probe = [], DipMonitor._probe
+
+    def fake_probe(self, trainer, pl_module):
+        calls.append(trainer.global_step)
+        time.sleep(FAKE_PROBE_S)
+        real_probe(self, trainer, pl_module)
+
+    monkeypatch.setattr(DipMonitor, "_probe", fake_probe)
+    monkeypatch.chdir(tmp_path)
+    ctx = BenchContext(llama_tiny, tiny_tokenizer, tiny_pairs, 4, 1, naive_pairs=2)
+    run = bench_monitor.measure_overhead(ctx, (1, 8), tiny_pairs, ("logit",))
+    assert calls == [0, 2, 4] and run.probes == 3  # steps 0, 2 and 4 of the 4-step fit, each timed once
+    assert run.probe_s >= 3 * FAKE_PROBE_S  # a sleep lasts at least its length: the probe time includes them
+    assert run.rest_s == run.monitored_s - run.probe_s
+    assert run.probe_share == run.probe_s / run.rest_s
+    monkeypatch.setattr(bench_monitor, "measure_overhead", lambda *args: run)
+    headline = bench_monitor.monitor_section(ctx)[0]
+    assert headline.name == "monitor_probe_share" and headline.value == run.probe_share
+    assert headline.met == (run.probe_share <= bench_monitor.TARGET)
+    assert_ratio_of_reported_timings(headline.name, headline.value, headline.detail)
 
 
 def test_unknown_bench_section_is_named(tmp_path, capsys):

@@ -145,7 +145,8 @@ def test_without_a_tokenizer_the_first_probe_says_what_it_tried(tiny_pairs):
 
 
 def test_importing_the_tracker_does_not_import_lightning():
-    code = "import sys; from dipreg.callbacks import DipTracker; print('lightning.pytorch' in sys.modules)"
+    imports = "from dipreg.callbacks import DipAlertRule, DipTracker"  # the any-loop API: the tracker and the rule
+    code = f"import sys; {imports}; print('lightning.pytorch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
