@@ -34,7 +34,7 @@ SECTIONS: dict[str, str] = {
     "peers": "dipreg.bench.peers:peers_section",
 }
 #: Sections left out of the default selection, and why: each runs only when named in ``--only`` (``peers`` also by
-#: ``--peers``). The default sections finish in under 10 minutes on a 2-core CPU.
+#: ``--peers``). The default sections run no Lightning fit.
 OPT_IN: dict[str, str] = {
     "monitor": "four 30-step LoRA fits, about 11 min on a 2-core CPU",
     "peers": "needs the peers extra; times TransformerLens, nnsight and nnterp",
