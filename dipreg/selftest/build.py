@@ -53,9 +53,23 @@ def tiny_config(arch: str, vocab_size: int) -> PretrainedConfig:
     return config
 
 
-def random_model(config: PretrainedConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The causal LM of ``config`` with weights drawn from ``seed``, built directly on ``device``, in eval mode."""
+def random_model(
+    config: PretrainedConfig,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    draw_on_device: bool = False,
+):
+    """The causal LM of ``config`` with weights drawn from ``seed``, in ``dtype`` on ``device``, in eval mode.
+
+    The weights are drawn in float32 by the CPU generator and then moved and cast, so every device gets the weights
+    the CPU reference gets (a CUDA generator seeded alike draws other numbers: the first GPU run of the self-check
+    compared two different models). ``draw_on_device=True`` builds directly on ``device`` instead (fast for a
+    billions-of-parameters timing model, whose values do not matter; never for a parity check)."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    if draw_on_device:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype).eval()

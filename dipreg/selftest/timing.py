@@ -114,7 +114,7 @@ def time_size(name: str, device: torch.device, plan: Plan) -> dict[str, Any]:
     if name.startswith("tiny"):
         config.hidden_size, config.intermediate_size, config.num_hidden_layers = 64, 128, 4
     start = time.perf_counter()
-    model = random_model(config, dtype=torch.bfloat16, device=str(device))
+    model = random_model(config, dtype=torch.bfloat16, device=str(device), draw_on_device=True)
     built = time.perf_counter() - start
     ctx = BenchContext(model, tokenizer, pairs, BATCH_SIZE, repeats)
     forward = _timed(lambda: bare_forward(ctx), device, repeats)

@@ -163,7 +163,7 @@ def _sliced_linear(linear: nn.Linear, keep: Tensor, dim: int) -> nn.Linear:
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init allocation
     new.weight = nn.Parameter(weight, requires_grad=linear.weight.requires_grad)
     if bias is not None:
-        kept_bias = bias.detach().clone() if dim == 1 else bias.detach().index_select(0, keep)
+        kept_bias = bias.detach().clone() if dim == 1 else bias.detach().index_select(0, keep.to(bias.device))
         new.bias = nn.Parameter(kept_bias, requires_grad=linear.bias.requires_grad)
     return new
 
