@@ -10,6 +10,8 @@ from peft import LoraConfig, get_peft_model
 
 from dipreg.adapter import ModelAdapter
 from dipreg.eval import DegradeError, UnsupportedOperatorError, degrade, parse_ops, state_checksum
+from dipreg.eval.degradation import quantize
+from dipreg.eval.degradation.calibrated import llmcompressor_problem
 from dipreg.eval.degradation.operators import range_layers, span_layers
 from dipreg.eval.degradation.quantize import nf4, nf4_code, rtn
 
@@ -327,28 +329,48 @@ def test_parse_ops_rejects_bad_specs(spec, message):
 
 
 #: Small parameters for every registered operator on the tiny models (rank 2 fits their 32-wide matrices).
-TINY_PARAMS = {"late_svd": {"rank": 2}, "mid_svd": {"rank": 2}, "rtn": {"bits": 3}}
+CALIBRATION = {"group_size": 16, "samples": 4, "seq_len": 16}
+TINY_PARAMS = {
+    "late_svd": {"rank": 2},
+    "mid_svd": {"rank": 2},
+    "rtn": {"bits": 3},
+    "hqq": {"group_size": 16},
+    "gptq": CALIBRATION,
+    "awq": CALIBRATION,
+}
 #: Operators that rewrite weight matrices: they need nn.Linear blocks (GPT-2's Conv1D is refused by name).
-WEIGHT_OPERATORS = {"rtn", "nf4", "int8", "late_svd", "mid_svd", "mid_prune"}
+WEIGHT_OPERATORS = {"rtn", "nf4", "int8", "hqq", "gptq", "awq", "late_svd", "mid_svd", "mid_prune"}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_operator_degrades_and_restores_every_architecture_it_claims(arch, ids):
+def test_every_operator_degrades_and_restores_every_architecture_it_claims(
+    arch, ids, tiny_tokenizer, tmp_path, monkeypatch
+):
     from dipreg.eval import OPERATORS
 
+    monkeypatch.setenv("DIPREG_CACHE", str(tmp_path))  # calibrations of this test only
     tiny = make_tiny_model(arch)
     before, checksum = snapshot(tiny), state_checksum(tiny)
     with torch.no_grad():
         intact = tiny(input_ids=ids).logits
         for op in OPERATORS:
+            if quantize.hqq_problem(op, {}) or llmcompressor_problem(op):
+                continue  # optional libraries not installed here: tests/test_calibrated_quant.py says which
             if arch == "gpt2" and op in WEIGHT_OPERATORS:
                 with (
                     pytest.raises(UnsupportedOperatorError, match="gpt2"),
-                    degrade(tiny, op, **TINY_PARAMS.get(op, {})),
+                    degrade(tiny, op, tokenizer=tiny_tokenizer, **TINY_PARAMS.get(op, {})),
                 ):
                     pass
                 continue
-            with degrade(tiny, op, **TINY_PARAMS.get(op, {})):
+            if arch == "gpt_neox" and op == "awq":  # llmcompressor has no AWQ mappings for GPT-NeoX
+                with (
+                    pytest.raises(UnsupportedOperatorError, match="no AWQ smoothing mappings for GPTNeoXForCausalLM"),
+                    degrade(tiny, op, tokenizer=tiny_tokenizer, **TINY_PARAMS[op]),
+                ):
+                    pass
+                continue
+            with degrade(tiny, op, tokenizer=tiny_tokenizer, **TINY_PARAMS.get(op, {})):
                 assert not torch.equal(tiny(input_ids=ids).logits, intact), (arch, op)
     assert_identical(tiny, before)
     assert state_checksum(tiny) == checksum

@@ -52,11 +52,12 @@ _LIBRARIES = ("llmcompressor", "compressed-tensors", "torch", "transformers")
 def _llmcompressor() -> ModuleType | None:
     """The ``llmcompressor`` package, or ``None`` when it (or one of its imports) is not installed."""
     try:
-        import llmcompressor
         from loguru import logger
+
+        logger.disable("llmcompressor")  # its log lines (from the import on) would flood every `dipreg degrade` table
+        import llmcompressor
     except ImportError:
         return None
-    logger.disable("llmcompressor")  # its INFO lines would flood every `dipreg degrade` table
     return llmcompressor
 
 
@@ -65,6 +66,19 @@ def llmcompressor_problem(op: str) -> str | None:
     if op in CALIBRATED_OPS and _llmcompressor() is None:
         return f"{op} runs through llmcompressor, which is not installed: {CALIB_EXTRA}"
     return None
+
+
+def awq_problem(causal_lm: nn.Module) -> str | None:
+    """Why AWQ cannot run on ``causal_lm`` (llmcompressor has no smoothing mappings for its class), or ``None``."""
+    from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY
+
+    name = type(causal_lm).__name__
+    if name in AWQ_MAPPING_REGISTRY:
+        return None
+    return (
+        f"awq: llmcompressor has no AWQ smoothing mappings for {name} (it would fail half-way); use gptq or hqq on "
+        "this model, or one of the architectures llmcompressor maps (Llama, Mistral, Qwen2/3, Gemma2 and others)."
+    )
 
 
 def calibration_texts() -> list[str]:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from dipreg.adapter import ModelAdapter
 from dipreg.devices import execution_device, module_tensor, offload_slot
 from dipreg.eval.degradation import quantize
-from dipreg.eval.degradation.calibrated import calibrated_state, llmcompressor_problem
+from dipreg.eval.degradation.calibrated import awq_problem, calibrated_state, llmcompressor_problem
 from dipreg.eval.degradation.layouts import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
 from dipreg.eval.degradation.ledger import Ledger, check_restored, state_checksum
 
@@ -180,6 +180,9 @@ def _calibrated(adapter: ModelAdapter, ledger: Ledger, *, op: str, tokenizer: An
             "awq rescales the norms in front of the projections, which the LoRA matrices read too; merge the "
             "adapter first (merge_and_unload(), as dipreg arms does) or use gptq, which quantizes the base weights."
         )
+    problem = awq_problem(causal_lm) if op == "awq" else None
+    if problem:
+        raise UnsupportedOperatorError(problem)
     calibration = calibrated_state(causal_lm, tokenizer, op, **options)
     params = _plain_parameters(causal_lm)
     unknown = sorted(set(calibration.state) - set(params))
