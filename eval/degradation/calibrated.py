@@ -58,6 +58,7 @@ def _llmcompressor() -> ModuleType | None:
         import llmcompressor
     except ImportError:
         return None
+    logger.disable("llmcompressor")  # again: importing it configures its logger, enabled
     return llmcompressor
 
 
