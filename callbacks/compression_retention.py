@@ -175,7 +175,7 @@ class CompressionRetention(Callback):
         weights = FullWeights(root)
         for name, params in self.specs:
             label = op_label(name, params)
-            with degraded(model, weights, name, **params):
+            with degraded(model, weights, name, tokenizer=tokenizer, **params):
                 after = measure()
             result = operator_result(intact, after)
             dip = result["stratification"]["dip"]
@@ -185,6 +185,7 @@ class CompressionRetention(Callback):
                 f"retention/{label}/dip_high_flip_rate": float(dip["high_tertile_flip_rate"]),
                 f"retention/{label}/dip_low_flip_rate": float(dip["low_tertile_flip_rate"]),
                 f"retention/{label}/dip_mw_p": float(dip["mw_p"]),
+                f"retention/{label}/margin_mw_p": float(result["stratification"]["margin"]["mw_p"]),
             }
         return scalars
 

@@ -153,12 +153,53 @@ def stratify(predictor: ArrayLike, intact_correct: ArrayLike, degraded_correct: 
     return out
 
 
+#: Significance level of the Mann–Whitney test behind :func:`death_carrier`.
+CARRIER_ALPHA = 0.05
+
+
+def death_carrier(stratification: dict[str, dict[str, Any]], alpha: float = CARRIER_ALPHA) -> dict[str, Any]:
+    """Which intact-model predictor carries an operator's deaths: the one whose two-sided Mann–Whitney test
+    (dying vs surviving items, :func:`stratify`) has ``p < alpha``.
+
+    ``carrier`` is ``"dip"`` or ``"margin"`` when only that predictor separates the dying items, ``"both"``,
+    ``"neither"`` (no ``p < alpha``), or ``"undefined"`` when neither test could run (no flips, no survivors);
+    ``line`` says it in words with each predictor's rank-biserial (sign: positive when dying items have the larger
+    value) and p.
+    """
+    significant = [name for name in ("dip", "margin") if stratification[name]["mw_p"] < alpha]  # NaN is never <
+    defined = [name for name in ("dip", "margin") if np.isfinite(stratification[name]["mw_p"])]
+    if not defined:
+        carrier = "undefined"
+    elif len(significant) == 2:
+        carrier = "both"
+    else:
+        carrier = significant[0] if significant else "neither"
+
+    def effect(name: str) -> str:
+        res = stratification[name]
+        if not np.isfinite(res["mw_p"]):
+            return f"{name} untestable"
+        side = "larger" if res["rank_biserial"] > 0 else "smaller"
+        return f"{name} r={res['rank_biserial']:+.2f} p={res['mw_p']:.2g} (dying items have the {side} {name})"
+
+    verdicts = {
+        "dip": "the dip carries the deaths",
+        "margin": "the intact margin carries the deaths",
+        "both": "both predictors carry the deaths",
+        "neither": f"neither predictor separates the deaths at p<{alpha}",
+        "undefined": "no test possible (no flips or no survivors)",
+    }
+    return {"carrier": carrier, "alpha": alpha, "line": f"{verdicts[carrier]}: {effect('dip')}; {effect('margin')}"}
+
+
 def operator_result(intact: Trajectories, degraded: Trajectories) -> dict[str, Any]:
-    """Accuracy, flips, McNemar, paired t on DiD(L), and dip / margin stratification of one degraded run."""
+    """Accuracy, flips, McNemar, paired t on DiD(L), dip / margin stratification of one degraded run, and which of
+    the two predictors carries its deaths (:func:`death_carrier`)."""
     dip = intact.max_wrong_dip.numpy()
     margin = intact.did[:, -1].abs().numpy()
     before, after = intact.correct.numpy(), degraded.correct.numpy()
     flip = flips(before, after)
+    stratification = {"dip": stratify(dip, before, after), "margin": stratify(margin, before, after)}
     return {
         "accuracy": float(after.mean()),
         "strict_accuracy": float(degraded.strict_correct.float().mean()),
@@ -166,6 +207,7 @@ def operator_result(intact: Trajectories, degraded: Trajectories) -> dict[str, A
         "n_rescued": int((~before & after).sum()),
         "mcnemar": mcnemar_exact(before, after),
         "final_did_paired_t": paired_t(intact.did[:, -1].numpy(), degraded.did[:, -1].numpy()),
-        "stratification": {"dip": stratify(dip, before, after), "margin": stratify(margin, before, after)},
+        "stratification": stratification,
+        "carrier": death_carrier(stratification),
         "items": {"correct": after.tolist(), "final_did": degraded.did[:, -1].tolist(), "flip": flip.tolist()},
     }

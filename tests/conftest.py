@@ -116,6 +116,13 @@ def _tiny_config(arch: str):
     raise ValueError(arch)
 
 
+#: Extras whose install line is more than ``pip install 'dipreg[EXTRA]'`` (README, install section).
+EXTRA_INSTALL = {
+    "calib": "pip install 'dipreg[calib]' && pip install --no-deps llmcompressor==0.14.0.1",
+    "hqq": "DISABLE_CUDA=1 pip install 'dipreg[hqq]'",
+}
+
+
 def requires_extra(module: str, extra: str) -> pytest.MarkDecorator:
     """The one skip policy for optional packages: a ``skipif`` mark that skips a test needing ``module`` when it is
     not installed, with the install line of the extra that brings it (``needs the quant extra: pip install
@@ -125,9 +132,8 @@ def requires_extra(module: str, extra: str) -> pytest.MarkDecorator:
         >>> @requires_extra("bitsandbytes", "quant")  # doctest: +SKIP
         ... def test_nf4(): ...
     """
-    return pytest.mark.skipif(
-        importlib.util.find_spec(module) is None, reason=f"needs the {extra} extra: pip install 'dipreg[{extra}]'"
-    )
+    install = EXTRA_INSTALL.get(extra, f"pip install 'dipreg[{extra}]'")
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"needs the {extra} extra: {install}")
 
 
 def saved_figures(monkeypatch: pytest.MonkeyPatch, *modules: Any) -> dict[str, Any]:

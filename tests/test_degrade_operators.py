@@ -33,10 +33,19 @@ ALL_OPS = [
 ]
 
 
-def needs_bitsandbytes(op: str, *values: object) -> Any:
-    """Parameter ``(op, *values)`` (or ``op`` alone), skipped without the quant extra when ``op`` runs through
-    bitsandbytes."""
-    marks = [requires_extra("bitsandbytes", "quant")] if op in BITSANDBYTES_OPS else []
+#: The optional library (module, extra) each operator that needs one runs through.
+OPTIONAL_LIBRARY = {
+    **{op: ("bitsandbytes", "quant") for op in BITSANDBYTES_OPS},
+    "hqq": ("hqq", "hqq"),
+    "gptq": ("llmcompressor", "calib"),
+    "awq": ("llmcompressor", "calib"),
+}
+
+
+def needs_optional_library(op: str, *values: object) -> Any:
+    """Parameter ``(op, *values)`` (or ``op`` alone), skipped (the one skip policy, with the install line) when the
+    optional library ``op`` runs through is not installed."""
+    marks = [requires_extra(*OPTIONAL_LIBRARY[op])] if op in OPTIONAL_LIBRARY else []
     return pytest.param(op, *values, marks=marks)
 
 
@@ -69,7 +78,7 @@ def assert_identical(model, before):
         assert torch.equal(after[name], value), f"{name} changed"
 
 
-@pytest.mark.parametrize(("op", "params"), [needs_bitsandbytes(op, params) for op, params in ALL_OPS], ids=IDS)
+@pytest.mark.parametrize(("op", "params"), [needs_optional_library(op, params) for op, params in ALL_OPS], ids=IDS)
 def test_operator_changes_the_output_and_restores_every_parameter_and_buffer(model, ids, op, params):
     before, checksum = snapshot(model), state_checksum(model)
     with torch.no_grad():
@@ -83,7 +92,7 @@ def test_operator_changes_the_output_and_restores_every_parameter_and_buffer(mod
     assert torch.equal(restored, intact)
 
 
-@pytest.mark.parametrize(("op", "params"), [needs_bitsandbytes(op, params) for op, params in ALL_OPS], ids=IDS)
+@pytest.mark.parametrize(("op", "params"), [needs_optional_library(op, params) for op, params in ALL_OPS], ids=IDS)
 def test_operator_restores_the_model_when_the_body_raises(model, ids, op, params):
     before, checksum = snapshot(model), state_checksum(model)
     with pytest.raises(RuntimeError, match="boom"), degrade(model, op, **params):
@@ -93,7 +102,7 @@ def test_operator_restores_the_model_when_the_body_raises(model, ids, op, params
     assert state_checksum(model) == checksum
 
 
-@pytest.mark.parametrize(("op", "params"), [needs_bitsandbytes(op, params) for op, params in ALL_OPS], ids=IDS)
+@pytest.mark.parametrize(("op", "params"), [needs_optional_library(op, params) for op, params in ALL_OPS], ids=IDS)
 def test_copied_bytes_equal_the_changed_weights_and_no_other_storage_is_copied(model, op, params):
     before = snapshot(model)
     with degrade(model, op, **params) as report:
@@ -340,14 +349,25 @@ def test_parse_ops_rejects_bad_specs(spec, message):
 
 
 #: Small parameters for every registered operator on the tiny models (rank 2 fits their 32-wide matrices).
-TINY_PARAMS = {"late_svd": {"rank": 2}, "mid_svd": {"rank": 2}, "rtn": {"bits": 3}}
+CALIBRATION = {"group_size": 16, "samples": 4, "seq_len": 16}
+TINY_PARAMS = {
+    "late_svd": {"rank": 2},
+    "mid_svd": {"rank": 2},
+    "rtn": {"bits": 3},
+    "hqq": {"group_size": 16},
+    "gptq": CALIBRATION,
+    "awq": CALIBRATION,
+}
 #: Operators that rewrite weight matrices: they need nn.Linear blocks (GPT-2's Conv1D is refused by name).
-WEIGHT_OPERATORS = {"rtn", "nf4", "int8", "late_svd", "mid_svd", "mid_prune"}
+WEIGHT_OPERATORS = {"rtn", "nf4", "int8", "hqq", "gptq", "awq", "late_svd", "mid_svd", "mid_prune"}
 
 
-@pytest.mark.parametrize("op", [needs_bitsandbytes(op) for op in OPERATORS])
+@pytest.mark.parametrize("op", [needs_optional_library(op) for op in OPERATORS])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_every_operator_degrades_and_restores_every_architecture_it_claims(arch, op, ids):
+def test_every_operator_degrades_and_restores_every_architecture_it_claims(
+    arch, op, ids, tiny_tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DIPREG_CACHE", str(tmp_path))  # calibrations of this test only
     tiny = make_tiny_model(arch)
     before, checksum = snapshot(tiny), state_checksum(tiny)
     with torch.no_grad():
@@ -355,11 +375,17 @@ def test_every_operator_degrades_and_restores_every_architecture_it_claims(arch,
         if arch == "gpt2" and op in WEIGHT_OPERATORS:
             with (
                 pytest.raises(UnsupportedOperatorError, match="gpt2"),
-                degrade(tiny, op, **TINY_PARAMS.get(op, {})),
+                degrade(tiny, op, tokenizer=tiny_tokenizer, **TINY_PARAMS.get(op, {})),
+            ):
+                pass
+        elif arch == "gpt_neox" and op == "awq":  # llmcompressor has no AWQ mappings for GPT-NeoX
+            with (
+                pytest.raises(UnsupportedOperatorError, match="no AWQ smoothing mappings for GPTNeoXForCausalLM"),
+                degrade(tiny, op, tokenizer=tiny_tokenizer, **TINY_PARAMS[op]),
             ):
                 pass
         else:
-            with degrade(tiny, op, **TINY_PARAMS.get(op, {})):
+            with degrade(tiny, op, tokenizer=tiny_tokenizer, **TINY_PARAMS.get(op, {})):
                 assert not torch.equal(tiny(input_ids=ids).logits, intact), (arch, op)
     assert_identical(tiny, before)
     assert state_checksum(tiny) == checksum

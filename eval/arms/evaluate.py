@@ -112,7 +112,7 @@ def evaluate_model(
         if name == CLEAN:
             correct = clean
         else:
-            with degrade(model, name, verify=True, **params):
+            with degrade(model, name, verify=True, tokenizer=tokenizer, **params):
                 correct = trajectories(model, tokenizer, pairs, batch_size=batch_size, prompt=prompt).correct.numpy()
         flip = stats.flips(clean, correct)
         results[label] = {

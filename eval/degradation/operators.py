@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from dipreg.adapter import ModelAdapter
 from dipreg.devices import execution_device, module_tensor, offload_slot
 from dipreg.eval.degradation import quantize
+from dipreg.eval.degradation.calibrated import awq_problem, calibrated_state, llmcompressor_problem
 from dipreg.eval.degradation.layouts import UnsupportedOperatorError, block_linears, is_peft_wrapped, mlp_modules
 from dipreg.eval.degradation.ledger import Ledger, check_restored, state_checksum
 from dipreg.eval.degradation.presets import PRESETS, expand_presets
@@ -131,6 +132,69 @@ def _int8(adapter: ModelAdapter, ledger: Ledger) -> dict:
 
 def _nf4(adapter: ModelAdapter, ledger: Ledger, *, block_size: int) -> dict:
     return _quantize_blocks(adapter, ledger, "nf4", lambda w: quantize.nf4(w, block_size))
+
+
+def _check_group_size(linears: list[tuple[str, nn.Linear]], group_size: int | None, op: str) -> None:
+    """Refuse a group size that does not divide the input width of every matrix (``None``: per channel, always
+    fits); libraries differ on what they do then (mix rows, skip the layer), so no matrix is left to them."""
+    for name, linear in linears:
+        if group_size is not None and linear.in_features % group_size:
+            raise DegradeError(
+                f"{op}: group_size={group_size} does not divide the {linear.in_features} inputs of {name}; use a "
+                "group size that divides the input width of every Linear in the blocks (the default model: 576 "
+                "and 1536, e.g. 64 or 32), or group_size=none for one scale per output channel."
+            )
+
+
+def _hqq(adapter: ModelAdapter, ledger: Ledger, *, bits: int, group_size: int | None) -> dict:
+    _check_group_size(block_linears(adapter, "hqq"), group_size, "hqq")
+    return _quantize_blocks(adapter, ledger, "hqq", lambda w: quantize.hqq(w, bits, group_size))
+
+
+def _plain_parameters(causal_lm: nn.Module) -> dict[str, Tensor]:
+    """The parameters of ``causal_lm`` by their name in a plain model: PEFT's ``base_layer`` dropped, LoRA
+    matrices left out (the names :func:`~dipreg.eval.degradation.calibrated.calibrated_state` returns)."""
+    out = {}
+    for name, param in causal_lm.named_parameters():
+        parts = name.split(".")
+        if not any(part.startswith("lora_") for part in parts):
+            out[".".join(part for part in parts if part != "base_layer")] = param
+    return out
+
+
+def _calibrated(adapter: ModelAdapter, ledger: Ledger, *, op: str, tokenizer: Any, **options: Any) -> dict:
+    if tokenizer is None:
+        raise DegradeError(
+            f"{op} calibrates on text: pass the model's tokenizer, degrade(model, {op!r}, tokenizer=tokenizer)."
+        )
+    causal_lm = adapter.causal_lm
+    _check_group_size(block_linears(adapter, op), options["group_size"], op)
+    if any(p.is_meta for p in causal_lm.parameters()):
+        raise UnsupportedOperatorError(
+            f"{op} calibrates a copy of the whole model, which this one (offloaded with accelerate) cannot give; "
+            "load it in one piece (no device_map offload)."
+        )
+    if op == "awq" and any(is_peft_wrapped(m) for m in causal_lm.modules()):
+        raise UnsupportedOperatorError(
+            "awq rescales the norms in front of the projections, which the LoRA matrices read too; merge the "
+            "adapter first (merge_and_unload(), as dipreg arms does) or use gptq, which quantizes the base weights."
+        )
+    problem = awq_problem(causal_lm) if op == "awq" else None
+    if problem:
+        raise UnsupportedOperatorError(problem)
+    calibration = calibrated_state(causal_lm, tokenizer, op, **options)
+    params = _plain_parameters(causal_lm)
+    unknown = sorted(set(calibration.state) - set(params))
+    if unknown:
+        raise RuntimeError(f"{op}: llmcompressor changed {unknown[0]!r}, which is not a parameter of the model.")
+    for name, value in calibration.state.items():
+        ledger.overwrite(params[name], value.to(params[name].device, params[name].dtype))
+    return {
+        "tensors": len(calibration.state),
+        "calibration_tokens": options["samples"] * options["seq_len"],
+        "calibration_s": calibration.seconds,
+        "cached": calibration.cached,
+    }
 
 
 def truncated_svd(weight: Tensor, rank: int) -> Tensor:
@@ -247,6 +311,8 @@ class Operator:
     defaults: dict[str, Any]
     apply: Callable[..., dict]
     layers: Callable[[int, dict[str, Any]], list[int]] | None = None
+    #: True when the operator calibrates on text: ``degrade`` then hands it the ``tokenizer``.
+    calibrated: bool = False
 
     def validate(self, params: dict[str, Any]) -> dict[str, Any]:
         """Merge ``params`` over the defaults and check every value; errors say what to pass instead."""
@@ -264,13 +330,20 @@ class Operator:
                 raise DegradeError(f"{self.name}: start={merged['start']} must be below end={merged['end']}.")
         if "bits" in merged and merged["bits"] not in quantize.RTN_BITS:
             raise DegradeError(f"{self.name}: bits={merged['bits']} is not supported; use one of {quantize.RTN_BITS}.")
-        problem = quantize.bitsandbytes_problem(self.name, merged)  # nf4/int8: bitsandbytes installed, block size
+        # the optional library each operator runs through is installed (nf4/int8 also: a block size it accepts)
+        problem = (
+            quantize.bitsandbytes_problem(self.name, merged)
+            or quantize.hqq_problem(self.name, merged)
+            or llmcompressor_problem(self.name)
+        )
         if problem:
             raise DegradeError(problem)
-        for key in ("rank", "group_size", "block_size"):
+        for key in ("rank", "group_size", "block_size", "samples", "seq_len"):
             value = merged.get(key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise DegradeError(f"{self.name}: {key}={value!r} must be a positive integer.")
+        if "seed" in merged and (not isinstance(merged["seed"], int) or merged["seed"] < 0):
+            raise DegradeError(f"{self.name}: seed={merged['seed']!r} must be a non-negative integer.")
         if "alpha" in merged:
             merged["alpha"] = validate_number(
                 merged["alpha"],
@@ -302,6 +375,17 @@ def _svd_op(name: str, start: float, end: float, where: str) -> Operator:
     )
 
 
+def _calibrated_op(name: str, what: str) -> Operator:
+    return Operator(
+        name,
+        f"{what} of every Linear weight in the decoder blocks, per group of group_size inputs, calibrated on "
+        "samples windows of seq_len tokens of dipreg's calibration corpus shuffled with seed",
+        {"bits": 4, "group_size": 64, "samples": 16, "seq_len": 128, "seed": 0},
+        lambda a, led, layers, **p: _calibrated(a, led, op=name, **p),
+        calibrated=True,
+    )
+
+
 OPERATORS: dict[str, Operator] = {
     op.name: op
     for op in (
@@ -326,6 +410,15 @@ OPERATORS: dict[str, Operator] = {
             {},
             lambda a, led, layers: _int8(a, led),
         ),
+        Operator(
+            "hqq",
+            "Half-Quadratic Quantization (calibration-free, hqq's Quantizer on the CPU or GPU) of every Linear weight "
+            "in the decoder blocks, asymmetric, per group of group_size inputs",
+            {"bits": 4, "group_size": 64},
+            lambda a, led, layers, **p: _hqq(a, led, **p),
+        ),
+        _calibrated_op("gptq", "GPTQ (llmcompressor GPTQModifier, symmetric int)"),
+        _calibrated_op("awq", "AWQ (llmcompressor AWQModifier: activation-aware smoothing, asymmetric int)"),
         _svd_op("late_svd", 0.75, 1.0, "late"),
         _svd_op("mid_svd", 0.375, 0.625, "mid"),
         Operator(
@@ -372,7 +465,9 @@ def get_operator(name: str) -> Operator:
 
 
 @contextlib.contextmanager
-def degrade(model: nn.Module, op: str, *, verify: bool = False, **params: Any) -> Iterator[DegradeReport]:
+def degrade(
+    model: nn.Module, op: str, *, verify: bool = False, tokenizer: Any = None, **params: Any
+) -> Iterator[DegradeReport]:
     """Apply degradation ``op`` to ``model`` in place for the body of a ``with`` block, then restore it.
 
     The model (plain HF or PEFT-wrapped) is restored bit-exactly on exit, also when the body raises. Only the
@@ -396,6 +491,8 @@ def degrade(model: nn.Module, op: str, *, verify: bool = False, **params: Any) -
             before applying the operator and again after restoring it, and raise ``RuntimeError`` naming the operator
             when they differ. Checked when the body completes (an exception from the body propagates as it is, after
             the restore).
+        tokenizer: the model's tokenizer; needed by the operators that calibrate on text (``gptq``, ``awq``),
+            ignored by the others.
         **params: operator parameters (see README "Degradations" for every default).
 
     Yields:
@@ -418,6 +515,8 @@ def degrade(model: nn.Module, op: str, *, verify: bool = False, **params: Any) -
     stack = _ACTIVE.setdefault(adapter.causal_lm, [])
     stack.append(entry)
     try:
+        if operator.calibrated:
+            apply_params["tokenizer"] = tokenizer
         details = operator.apply(adapter, ledger, layers, **apply_params)
         yield DegradeReport(op, merged, layers, ledger.backup_bytes, ledger.new_bytes, details)
     finally:

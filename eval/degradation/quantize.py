@@ -132,3 +132,54 @@ def int8(weight: Tensor) -> Tensor:
         rows = rows.half()
     quantized, row_absmax, _ = functional.int8_vectorwise_quant(rows)
     return functional.int8_vectorwise_dequant(quantized, row_absmax).reshape(weight.shape).to(weight.dtype)
+
+
+#: What to install when hqq is missing (its setup.py builds CUDA kernels unless DISABLE_CUDA=1).
+HQQ_EXTRA = "DISABLE_CUDA=1 pip install 'dipreg[hqq]'"
+
+
+@cache
+def _hqq() -> ModuleType | None:
+    """``hqq.core.quantize``, or ``None`` when hqq is not installed (imported once)."""
+    try:
+        import hqq.core.quantize as hqq_quantize
+    except ImportError:
+        return None
+    return hqq_quantize
+
+
+def hqq_problem(op: str, params: dict[str, Any]) -> str | None:
+    """Why ``op`` cannot run with ``params`` here (hqq missing, a group size hqq refuses), in one line, or ``None``;
+    ``None`` for every operator but hqq."""
+    if op != "hqq":
+        return None
+    if _hqq() is None:
+        return f"hqq runs through the hqq library, which is not installed: {HQQ_EXTRA} (hqq>=0.2.8)."
+    group_size = params.get("group_size")
+    if isinstance(group_size, int) and group_size % 8:
+        return f"hqq: group_size={group_size} is not a multiple of 8, which hqq requires; use e.g. 16, 32 or 64."
+    return None
+
+
+def hqq(weight: Tensor, bits: int, group_size: int | None) -> Tensor:
+    """Half-Quadratic Quantization of a ``(out, in)`` matrix through hqq, dequantized back to its dtype; the
+    weights ``HQQLinear(linear, BaseQuantizeConfig(bits, group_size, axis=1), compute_dtype=float32)`` computes with.
+
+    hqq's own settings for that config (asymmetric, one scale and zero per group of ``group_size`` consecutive
+    inputs of a row, or per row when ``None``; zero rounded at 4 bits; refined by hqq's proximal solver, no
+    calibration data), then ``Quantizer.quantize`` (unpacked codes) and ``Quantizer.dequantize`` in float32, on the
+    weight's device. hqq groups the flattened tensor, so a group size that does not divide the row would mix rows:
+    refused here.
+    """
+    module = _hqq()
+    if module is None:
+        raise ValueError(hqq_problem("hqq", {}))
+    if group_size is not None and weight.shape[-1] % group_size:
+        raise ValueError(f"hqq: group_size={group_size} does not divide the {weight.shape[-1]} inputs of a row.")
+    settings = dict(module.BaseQuantizeConfig(nbits=bits, group_size=group_size, axis=1)["weight_quant_params"])
+    settings["group_size"] = group_size or weight.shape[-1]  # per row, as HQQLinear resolves None
+    codes, meta = module.Quantizer.quantize(
+        weight.detach().float(), **settings, bitpack=False, device=str(weight.device)
+    )
+    meta["compute_dtype"] = torch.float32
+    return module.Quantizer.dequantize(codes, meta).to(weight.dtype)

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from dipreg.artifacts import prepare_out_dir, write_json
 from dipreg.eval.degradation.ledger import state_checksum
@@ -95,6 +96,29 @@ def results_table(title: str, intact_acc: float, results: dict[str, dict[str, An
     return table
 
 
+def predictor_table(results: dict[str, dict[str, Any]]) -> Table:
+    """The two intact-model predictors side by side per operator: rank-biserial and Mann–Whitney p (dying vs
+    surviving), high/low-tertile flip rates and Spearman ρ of the dip and of the margin |DiD(L)|, and the verdict of
+    :func:`~dipreg.eval.stats.death_carrier` (which one carries the deaths)."""
+    table = Table(title="Dip vs intact margin: which predictor carries each operator's deaths")
+    table.add_column("operator", overflow="fold")
+    for column in ["flips", "dip r", "dip p", "dip hi/lo", "dip ρ", "marg r", "marg p", "marg hi/lo", "marg ρ"]:
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("carrier")
+    for label, res in results.items():
+        cells = []
+        for predictor in ("dip", "margin"):
+            st = res["stratification"][predictor]
+            cells += [
+                _fmt(st["rank_biserial"], "+.2f"),
+                _fmt(st["mw_p"], ".2g"),
+                f"{_fmt(st['high_tertile_flip_rate'], '.2f')}/{_fmt(st['low_tertile_flip_rate'], '.2f')}",
+                _fmt(st["spearman_rho"], "+.2f"),
+            ]
+        table.add_row(label, str(res["n_flips"]), *cells, res["carrier"]["carrier"])
+    return table
+
+
 def run_degrade(
     model_name: str | None = None,
     pairs_name: str = "core",
@@ -135,7 +159,7 @@ def run_degrade(
             label = op_label(name, params)
             bar.update(task, description=f"degrade {label}")
             start = time.perf_counter()
-            with degrade(model, name, verify=True, **params) as report:
+            with degrade(model, name, verify=True, tokenizer=tokenizer, **params) as report:
                 degraded = measure()
             results[label] = {**operator_result(intact, degraded), "operator": report.as_dict()}
             results[label]["seconds"] = time.perf_counter() - start
@@ -165,7 +189,11 @@ def run_degrade(
     }
     write_json(out_dir / "degrade.json", payload)
     save_figure(tertile_flip_figure(results, "dip"), out_dir / "tertile_flips.png")
+    save_figure(tertile_flip_figure(results, "margin"), out_dir / "tertile_flips_margin.png")
     title = f"dipreg degrade — {payload['model']} on {pairs_name} (n={len(pairs)}; dip & margin from the intact model)"
     console.print(results_table(title, payload["intact"]["summary"]["all"]["accuracy"], results))
-    console.print(f"wrote {out_dir / 'degrade.json'} and {out_dir / 'tertile_flips.png'}")
+    console.print(predictor_table(results))
+    for label, res in results.items():
+        console.print(Text(f"{label}: {res['carrier']['line']}"))
+    console.print(f"wrote {out_dir / 'degrade.json'}, {out_dir / 'tertile_flips.png'} and tertile_flips_margin.png")
     return payload

@@ -220,7 +220,7 @@ def run_conditions(
             label_ = op_label(name, params)
             bar.update(task, description=f"degrade {label_}")
             start = time.perf_counter()
-            with degrade(model, name, verify=True, **params) as report:
+            with degrade(model, name, verify=True, tokenizer=tokenizer, **params) as report:
                 results = run_readouts(model, tokenizer, vignettes, built, intact.session())
             operators[label_] = {
                 "operator": report.as_dict(),
