@@ -136,6 +136,23 @@ def requires_extra(module: str, extra: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(importlib.util.find_spec(module) is None, reason=f"needs the {extra} extra: {install}")
 
 
+#: The optional library (module, extra) each degradation operator that needs one runs through.
+OPERATOR_LIBRARIES = {
+    "nf4": ("bitsandbytes", "quant"),
+    "int8": ("bitsandbytes", "quant"),
+    "hqq": ("hqq", "hqq"),
+    "gptq": ("llmcompressor", "calib"),
+    "awq": ("llmcompressor", "calib"),
+}
+
+
+def operator_param(op: str, *values: object) -> Any:
+    """The test parameter ``(op, *values)`` (or ``op`` alone), skipped by :func:`requires_extra` when the optional
+    library ``op`` runs through is not installed."""
+    marks = [requires_extra(*OPERATOR_LIBRARIES[op])] if op in OPERATOR_LIBRARIES else []
+    return pytest.param(op, *values, marks=marks)
+
+
 def saved_figures(monkeypatch: pytest.MonkeyPatch, *modules: Any) -> dict[str, Any]:
     """Spy on ``save_figure`` as each of ``modules`` imported it: the returned dict fills, as the code under test
     saves, with file name -> the matplotlib ``Figure`` it saved, so a test reads the plotted data back (line and

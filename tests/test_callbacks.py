@@ -172,6 +172,7 @@ RETENTION_SCALARS = {
     "dip_high_flip_rate": lambda result: result["stratification"]["dip"]["high_tertile_flip_rate"],
     "dip_low_flip_rate": lambda result: result["stratification"]["dip"]["low_tertile_flip_rate"],
     "dip_mw_p": lambda result: result["stratification"]["dip"]["mw_p"],
+    "margin_mw_p": lambda result: result["stratification"]["margin"]["mw_p"],
 }
 
 

@@ -2,18 +2,16 @@
 its name says (RTN vs an independent reference, NF4 table vs bitsandbytes, SVD rank, pruning, block dropping,
 deprivation); bad input gets clear errors."""
 
-from typing import Any
-
 import numpy as np
 import pytest
 import torch
-from conftest import ARCHITECTURES, make_tiny_model, requires_extra
+from conftest import ARCHITECTURES, make_tiny_model, operator_param, requires_extra
 from peft import LoraConfig, get_peft_model
 
 from dipreg.adapter import ModelAdapter
 from dipreg.eval import DegradeError, UnsupportedOperatorError, degrade, parse_ops, state_checksum
 from dipreg.eval.degradation.operators import OPERATORS, range_layers, span_layers
-from dipreg.eval.degradation.quantize import BITSANDBYTES_OPS, nf4, nf4_code, rtn
+from dipreg.eval.degradation.quantize import nf4, nf4_code, rtn
 
 # Every operator, with parameters that fit the tiny model (width 32, intermediate 64, 8 blocks).
 ALL_OPS = [
@@ -31,22 +29,6 @@ ALL_OPS = [
     ("deprive", {"alpha": 0.0}),
     ("deprive", {"alpha": 0.5}),
 ]
-
-
-#: The optional library (module, extra) each operator that needs one runs through.
-OPTIONAL_LIBRARY = {
-    **{op: ("bitsandbytes", "quant") for op in BITSANDBYTES_OPS},
-    "hqq": ("hqq", "hqq"),
-    "gptq": ("llmcompressor", "calib"),
-    "awq": ("llmcompressor", "calib"),
-}
-
-
-def needs_optional_library(op: str, *values: object) -> Any:
-    """Parameter ``(op, *values)`` (or ``op`` alone), skipped (the one skip policy, with the install line) when the
-    optional library ``op`` runs through is not installed."""
-    marks = [requires_extra(*OPTIONAL_LIBRARY[op])] if op in OPTIONAL_LIBRARY else []
-    return pytest.param(op, *values, marks=marks)
 
 
 IDS = [f"{op}-{'-'.join(f'{k}{v}' for k, v in p.items())}" for op, p in ALL_OPS]
@@ -78,7 +60,7 @@ def assert_identical(model, before):
         assert torch.equal(after[name], value), f"{name} changed"
 
 
-@pytest.mark.parametrize(("op", "params"), [needs_optional_library(op, params) for op, params in ALL_OPS], ids=IDS)
+@pytest.mark.parametrize(("op", "params"), [operator_param(op, params) for op, params in ALL_OPS], ids=IDS)
 def test_operator_changes_the_output_and_restores_every_parameter_and_buffer(model, ids, op, params):
     before, checksum = snapshot(model), state_checksum(model)
     with torch.no_grad():
@@ -92,7 +74,7 @@ def test_operator_changes_the_output_and_restores_every_parameter_and_buffer(mod
     assert torch.equal(restored, intact)
 
 
-@pytest.mark.parametrize(("op", "params"), [needs_optional_library(op, params) for op, params in ALL_OPS], ids=IDS)
+@pytest.mark.parametrize(("op", "params"), [operator_param(op, params) for op, params in ALL_OPS], ids=IDS)
 def test_operator_restores_the_model_when_the_body_raises(model, ids, op, params):
     before, checksum = snapshot(model), state_checksum(model)
     with pytest.raises(RuntimeError, match="boom"), degrade(model, op, **params):
@@ -102,7 +84,7 @@ def test_operator_restores_the_model_when_the_body_raises(model, ids, op, params
     assert state_checksum(model) == checksum
 
 
-@pytest.mark.parametrize(("op", "params"), [needs_optional_library(op, params) for op, params in ALL_OPS], ids=IDS)
+@pytest.mark.parametrize(("op", "params"), [operator_param(op, params) for op, params in ALL_OPS], ids=IDS)
 def test_copied_bytes_equal_the_changed_weights_and_no_other_storage_is_copied(model, op, params):
     before = snapshot(model)
     with degrade(model, op, **params) as report:
@@ -362,7 +344,7 @@ TINY_PARAMS = {
 WEIGHT_OPERATORS = {"rtn", "nf4", "int8", "hqq", "gptq", "awq", "late_svd", "mid_svd", "mid_prune"}
 
 
-@pytest.mark.parametrize("op", [needs_optional_library(op) for op in OPERATORS])
+@pytest.mark.parametrize("op", [operator_param(op) for op in OPERATORS])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_operator_degrades_and_restores_every_architecture_it_claims(
     arch, op, ids, tiny_tokenizer, tmp_path, monkeypatch

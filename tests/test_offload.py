@@ -12,16 +12,17 @@ import copy
 import pytest
 import torch
 from accelerate import cpu_offload, dispatch_model, infer_auto_device_map
-from conftest import make_tiny_model, requires_extra
+from conftest import make_tiny_model, operator_param
 
 import dipreg
 from dipreg.adapter import ModelAdapter
-from dipreg.eval import degrade, state_checksum
+from dipreg.eval import UnsupportedOperatorError, degrade, state_checksum
 from dipreg.eval.degradation.operators import OPERATORS
-from dipreg.eval.degradation.quantize import BITSANDBYTES_OPS
 
 #: Operator parameters that fit the tiny model (width 32).
-PARAMS = {"late_svd": {"rank": 4}, "mid_svd": {"rank": 4}}
+PARAMS = {"late_svd": {"rank": 4}, "mid_svd": {"rank": 4}, "hqq": {"group_size": 16}}
+#: Operators that calibrate through llmcompressor.
+CALIBRATED_OPS = ("gptq", "awq")
 #: Offloaded weights are the same bytes, and the CPU runs the same kernels: the margins agree to rounding.
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
@@ -85,11 +86,8 @@ def test_checksum_of_a_dispatched_model_is_that_of_the_plain_model(plain_and_dis
     assert state_checksum(dispatched) == state_checksum(plain)
 
 
-#: The operators, the bitsandbytes ones skipped without the quant extra.
-OPERATOR_PARAMS = [
-    pytest.param(op, marks=requires_extra("bitsandbytes", "quant")) if op in BITSANDBYTES_OPS else op
-    for op in OPERATORS
-]
+#: The operators, each skipped without the extra of the optional library it runs through.
+OPERATOR_PARAMS = [operator_param(op) for op in OPERATORS]
 
 
 @pytest.mark.parametrize("op", OPERATOR_PARAMS)
@@ -99,6 +97,14 @@ def test_every_operator_degrades_and_restores_a_disk_offloaded_model(op, tmp_pat
     plain = make_tiny_model("llama")
     dispatched = _by_max_memory(copy.deepcopy(plain), tmp_path / "offload")
     before = state_checksum(plain)
+    if op in CALIBRATED_OPS:  # they calibrate a deep copy of the whole model, which an offloaded one cannot give
+        with (
+            pytest.raises(UnsupportedOperatorError, match=rf"^{op} calibrates a copy of the whole model"),
+            degrade(dispatched, op, tokenizer=tiny_tokenizer, group_size=16),
+        ):
+            pass
+        assert state_checksum(dispatched) == before
+        return
     with degrade(plain, op, **PARAMS.get(op, {})):
         want = dipreg.trajectories(plain, tiny_tokenizer, tiny_pairs, prompt="raw")
     with degrade(dispatched, op, verify=True, **PARAMS.get(op, {})):
