@@ -8,7 +8,6 @@ log, delivered to every callback's ``on_log`` at the probe's ``global_step``. An
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -16,6 +15,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import ExportableState
 
 from dipreg.callbacks.alert import AlertShell
+from dipreg.callbacks.hf import checkpoint_attributes
 
 __all__ = ["DipAlertCallback"]
 
@@ -70,12 +70,10 @@ class DipAlertCallback(AlertShell, TrainerCallback, ExportableState):
         """On resume, restore the rule from the checkpoint's entry with these arguments (when transformers did not)."""
         if self.rule.last_step >= 0:
             return
-        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
-        mine = json.loads(json.dumps(self.settings()))  # as it reads back from trainer_state.json
-        for entry in saved if isinstance(saved, list) else [saved] if saved else []:
-            if entry.get("args") == mine:
-                self.rule_state = entry["attributes"]["rule_state"]
-                self.stopped_step = int(entry["attributes"].get("stopped_step", -1))
+        saved = checkpoint_attributes(state, type(self).__name__, self.settings())
+        if saved is not None:
+            self.rule_state = saved["rule_state"]
+            self.stopped_step = int(saved.get("stopped_step", -1))
 
     def on_log(
         self,

@@ -4,7 +4,6 @@ and keeps the checkpoint of the probed step with the lowest causal dip at satura
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -13,20 +12,7 @@ from sharded_run import PAIRS
 from dipreg import DipRegModule, PairDataModule
 from dipreg.stimuli import save_pairs
 from tests.conftest import make_tiny_model
-
-README = Path(__file__).parent.parent / "README.md"
-MARKER = "# -- the imports and all below run as written in tests/test_dip_alert_readme.py"
-
-
-def readme_example() -> str:
-    """The section's python block without the user's own lines (the model, data and sizes above the marker line,
-    which the test supplies): its imports, then everything below the marker."""
-    section = README.read_text().split("### Stop or keep checkpoints on the dip", 1)[1]
-    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    assert MARKER in block, "the README example lost the line below which the test runs it"
-    head, tail = block.split(MARKER, 1)
-    imports = [line for line in head.splitlines() if line.startswith(("import ", "from "))]
-    return "\n".join(imports) + "\n" + tail.split("\n", 1)[1]
+from tests.readme_examples import README, readme_example
 
 
 def test_readme_example_keeps_the_lowest_causal_dip_at_saturated_accuracy(tmp_path, tiny_tokenizer, monkeypatch):
@@ -36,7 +22,7 @@ def test_readme_example_keeps_the_lowest_causal_dip_at_saturated_accuracy(tmp_pa
     pairs = str(save_pairs(PAIRS, tmp_path / "pairs.jsonl"))
     data = PairDataModule(train=pairs, val=[], batch_size=14, shuffle=False, prompt="raw")
     scope = {"module": module, "data": data, "probe_pairs": PAIRS, "every": 2, "steps": 20}
-    exec(compile(readme_example(), str(README), "exec"), scope)
+    exec(compile(readme_example("### Stop or keep checkpoints on the dip"), str(README), "exec"), scope)
 
     keep, alert, history = scope["keep"], scope["alert"], scope["monitor"].history
     saturated = [
