@@ -6,7 +6,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -75,13 +79,18 @@ WORDS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
+def make_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer: every word of :data:`WORDS` is one token, leading spaces are dropped."""
     vocab = {w: i for i, w in enumerate(WORDS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """:func:`make_tiny_tokenizer`, built once per session."""
+    return make_tiny_tokenizer()
 
 
 def _tiny_config(arch: str):
@@ -227,113 +236,166 @@ def llama_tiny():
     return make_tiny_model("llama")
 
 
+#: Hand-made minimal pairs whose words are all in the tiny tokenizer, of varied lengths.
+TINY_PAIRS: tuple[MinimalPair, ...] = (
+    MinimalPair(
+        id="neg-0",
+        ctx_a="Statement : ice is cold . True or False ? Answer :",
+        ctx_b="Statement : ice is not cold . True or False ? Answer :",
+        t_pos=" True",
+        t_neg=" False",
+        family="negation",
+        safety=False,
+    ),
+    MinimalPair(
+        id="val-0",
+        ctx_a="Question : is it wrong to steal ? Yes or No ? Answer :",
+        ctx_b="Question : is it right to steal ? Yes or No ? Answer :",
+        t_pos=" Yes",
+        t_neg=" No",
+        family="value_flip",
+        safety=True,
+        category="law",
+    ),
+    MinimalPair(
+        id="role-0",
+        ctx_a="Alice chased Bob . Who chased ? Answer :",
+        ctx_b="Alice was chased by Bob . Who chased ? Answer :",
+        t_pos=" Alice",
+        t_neg=" Bob",
+        family="role_binding",
+        safety=False,
+    ),
+    MinimalPair(
+        id="val-1",
+        ctx_a="is it good to help ?",
+        ctx_b="is it bad to help ?",
+        t_pos=" Yes",
+        t_neg=" No",
+        family="value_flip",
+        safety=False,
+    ),
+)
+
+
 @pytest.fixture(scope="session")
 def tiny_pairs() -> list[MinimalPair]:
-    """Hand-made minimal pairs whose words are all in the tiny tokenizer, of varied lengths."""
-    return [
-        MinimalPair(
-            id="neg-0",
-            ctx_a="Statement : ice is cold . True or False ? Answer :",
-            ctx_b="Statement : ice is not cold . True or False ? Answer :",
-            t_pos=" True",
-            t_neg=" False",
-            family="negation",
-            safety=False,
-        ),
-        MinimalPair(
-            id="val-0",
-            ctx_a="Question : is it wrong to steal ? Yes or No ? Answer :",
-            ctx_b="Question : is it right to steal ? Yes or No ? Answer :",
-            t_pos=" Yes",
-            t_neg=" No",
-            family="value_flip",
-            safety=True,
-            category="law",
-        ),
-        MinimalPair(
-            id="role-0",
-            ctx_a="Alice chased Bob . Who chased ? Answer :",
-            ctx_b="Alice was chased by Bob . Who chased ? Answer :",
-            t_pos=" Alice",
-            t_neg=" Bob",
-            family="role_binding",
-            safety=False,
-        ),
-        MinimalPair(
-            id="val-1",
-            ctx_a="is it good to help ?",
-            ctx_b="is it bad to help ?",
-            t_pos=" Yes",
-            t_neg=" No",
-            family="value_flip",
-            safety=False,
-        ),
-    ]
+    """:data:`TINY_PAIRS` as a list."""
+    return list(TINY_PAIRS)
 
 
-#: Child processes started as soon as the selected tests are known (``pytest_collection_finish``), keyed by the
-#: fixture that reads them (the fixtures live here: a test module's ``tests.conftest`` is another module object).
-#: The fast tier runs torch on one thread, so the children take the other core instead of waiting for their test;
-#: a fixture whose child was not started early (its tests were not selected) starts it itself.
-BACKGROUND: dict[str, Any] = {}
+#: Child processes that tests read (import isolation, the two-process fits, the CPU self-check), each run to its end
+#: by :func:`_run_children` on a thread started as soon as the selected tests are known (``pytest_collection_finish``).
+#: The fast tier runs torch on one thread, so the children take the other core instead of waiting for their test. They
+#: run ONE AT A TIME, in :data:`BACKGROUND_RUNNERS` order (roughly the order their tests come in): started together
+#: they were seven processes on two cores and slowed the tests beside them for a minute. Keyed by the fixture that reads
+#: them (the fixtures live here: a test module's ``tests.conftest`` is another module object).
+BACKGROUND: dict[str, Future] = {}
 
+#: One worker: the children run one after another.
+_BACKGROUND_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dipreg-tests-background")
+
+#: Every child process started, so that a session cut short can stop them.
+BACKGROUND_PROCS: list[subprocess.Popen] = []
 
 #: The temporary folders the children write to, removed at the end of the session.
 BACKGROUND_DIRS: list[Path] = []
 
 
-def _start_fresh_interpreter() -> Any:
+def _background_dir(prefix: str) -> Path:
+    BACKGROUND_DIRS.append(Path(tempfile.mkdtemp(prefix=prefix)))
+    return BACKGROUND_DIRS[-1]
+
+
+def _run_fresh_interpreter() -> dict[str, str | None]:
     from tests import fresh_interpreter
 
-    BACKGROUND_DIRS.append(Path(tempfile.mkdtemp(prefix="dipreg-fresh-")))
-    return fresh_interpreter.start(BACKGROUND_DIRS[-1])
+    proc = fresh_interpreter.start(_background_dir("dipreg-fresh-"))
+    BACKGROUND_PROCS.append(proc)
+    return fresh_interpreter.finish(proc)
 
 
-def _start_two_ranks() -> tuple[Path, Any]:
+def _run_ranks(prefix: str, start: Callable[[Path], list[subprocess.Popen]]) -> Path:
     from tests import sharded_run
 
-    BACKGROUND_DIRS.append(Path(tempfile.mkdtemp(prefix="dipreg-two-ranks-")))
-    return BACKGROUND_DIRS[-1], sharded_run.start(list(sharded_run.JOBS), BACKGROUND_DIRS[-1])
+    out = _background_dir(prefix)
+    ranks = start(out)
+    BACKGROUND_PROCS.extend(ranks)
+    sharded_run.finish(ranks)
+    return out
 
 
-def _start_alert_ranks() -> tuple[Path, Any]:
+def _run_two_ranks() -> Path:
     from tests import sharded_run
 
-    BACKGROUND_DIRS.append(Path(tempfile.mkdtemp(prefix="dipreg-alert-ranks-")))
+    return _run_ranks("dipreg-two-ranks-", lambda out: sharded_run.start(list(sharded_run.JOBS), out))
+
+
+def _run_alert_ranks() -> Path:
+    from tests import sharded_run
+
     script = Path(__file__).parent / "dip_alert_run.py"
-    return BACKGROUND_DIRS[-1], sharded_run.launch(script, [str(BACKGROUND_DIRS[-1])])
+    return _run_ranks("dipreg-alert-ranks-", lambda out: sharded_run.launch(script, [str(out)]))
 
 
-BACKGROUND_STARTERS = {
-    "fresh_interpreter": _start_fresh_interpreter,
-    "two_ranks": _start_two_ranks,
-    "alert_ranks": _start_alert_ranks,
+def _run_cpu_selftest() -> tuple[int, str, Path]:
+    """``python -m dipreg.selftest --device cpu --sizes tiny --architectures llama,gpt2`` as a user runs it: the exit
+    code, the output, and the folder holding ``selftest.json``."""
+    out = _background_dir("dipreg-selftest-")
+    command = [sys.executable, "-m", "dipreg.selftest", "--device", "cpu", "--sizes", "tiny"]
+    command += ["--architectures", "llama,gpt2", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    BACKGROUND_PROCS.append(proc)
+    output = proc.communicate(timeout=600)[0]
+    return proc.returncode, output, out
+
+
+def _run_memory_worker() -> tuple[int, str, str]:
+    """``tests/hungry_worker.py`` in a fresh interpreter: its exit code, stdout and stderr (``test_bench_peers``)."""
+    out = _background_dir("dipreg-hungry-")
+    command = [sys.executable, str(Path(__file__).parent / "hungry_worker.py"), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    BACKGROUND_PROCS.append(proc)
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, stderr
+
+
+#: fixture name -> the function that runs its child to the end and returns the fixture's value; in run order.
+BACKGROUND_RUNNERS: dict[str, Callable[[], Any]] = {
+    "memory_worker": _run_memory_worker,
+    "fresh_interpreter": _run_fresh_interpreter,
+    "alert_ranks": _run_alert_ranks,
+    "cpu_selftest": _run_cpu_selftest,
+    "two_ranks": _run_two_ranks,
 }
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the child process of every background fixture that a selected test uses."""
+    """Queue the child of every background fixture that a selected test uses."""
     wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
-    for name, start in BACKGROUND_STARTERS.items():
-        if name in wanted and name not in BACKGROUND:
-            BACKGROUND[name] = start()
+    for name in BACKGROUND_RUNNERS:
+        if name in wanted:
+            background(name)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Stop any background child still running (a session cut short) and remove the children's folders."""
-    for handle in BACKGROUND.values():
-        for proc in handle[1] if isinstance(handle, tuple) else [handle]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    """Drop the children not started yet, stop any still running (a session cut short), remove their folders."""
+    _BACKGROUND_POOL.shutdown(wait=False, cancel_futures=True)
+    for proc in BACKGROUND_PROCS:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     for folder in BACKGROUND_DIRS:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def background(name: str) -> Any:
-    """The child process of background fixture ``name``: the one started at collection, else one started now."""
+def background(name: str) -> Future:
+    """The run of background fixture ``name``: queued at collection, else queued now (``.result()`` waits for it and
+    raises what it raised)."""
     if name not in BACKGROUND:
-        BACKGROUND[name] = BACKGROUND_STARTERS[name]()
+        BACKGROUND[name] = _BACKGROUND_POOL.submit(BACKGROUND_RUNNERS[name])
     return BACKGROUND[name]
 
 
@@ -341,31 +403,28 @@ def background(name: str) -> Any:
 def fresh_interpreter() -> dict[str, str | None]:
     """The import-isolation report of ``tests/fresh_interpreter.py``, run once per session in a fresh interpreter:
     ``{check: None}`` when a check held, else its traceback."""
-    from tests.fresh_interpreter import finish
-
-    return finish(background("fresh_interpreter"))
+    return background("fresh_interpreter").result()
 
 
 @pytest.fixture(scope="session")
 def two_ranks() -> Path:
     """``tests/test_sharded_probe.py``'s two-process run of ``tests/sharded_run.py`` (each rank fits DDP, then
     FSDP2, then the ``health`` DDP fit): the folder holding ``<job>/rank<r>.json``."""
-    from tests import sharded_run
-
-    out, ranks = background("two_ranks")
-    sharded_run.finish(ranks)
-    return out
+    return background("two_ranks").result()
 
 
 @pytest.fixture(scope="session")
 def alert_ranks() -> Path:
     """``tests/test_dip_alert.py``'s two-process DDP run of ``tests/dip_alert_run.py`` (each rank fits planted,
     healthy, then split): the folder holding ``<fit>/rank<r>.json``."""
-    from tests import sharded_run
+    return background("alert_ranks").result()
 
-    out, ranks = background("alert_ranks")
-    sharded_run.finish(ranks)
-    return out
+
+@pytest.fixture(scope="session")
+def cpu_selftest() -> tuple[int, str, Path]:
+    """``python -m dipreg.selftest --device cpu --sizes tiny --architectures llama,gpt2``, run once per session in a
+    child process: its exit code, its output and its ``--out`` folder."""
+    return background("cpu_selftest").result()
 
 
 @pytest.fixture(scope="session")
@@ -414,3 +473,10 @@ def _unit_tests_stay_small(request, monkeypatch):
         torch.set_num_threads(threads)
     if attempts:
         pytest.fail(f"loads the real default model without @pytest.mark.integration ({len(attempts)} time(s))")
+
+
+@pytest.fixture(scope="session")
+def memory_worker() -> tuple[int, str, str]:
+    """``tests/hungry_worker.py`` run once per session in a fresh interpreter: its exit code, its stdout (the last
+    line the JSON of ``peers_worker.measure``) and its stderr."""
+    return background("memory_worker").result()

@@ -10,6 +10,8 @@ held, else what went wrong. The checks run in this order, because the later ones
   still without Lightning;
 - ``audit_path``: the CLI, lens, eval, arms and bench packages and the lens/causal bench sections import without
   Lightning;
+- ``any_loop``: the any-loop API (``DipTracker``, ``DipAlertRule`` from ``dipreg.callbacks``) imports without
+  Lightning;
 - ``lazy_module``: ``dipreg.DipRegModule`` (the one attribute that needs Lightning) resolves;
 - ``each_module``: every module of the distribution imports alone (dipreg's modules dropped from ``sys.modules``
   before each; third-party packages stay loaded, they are not what this checks).
@@ -79,6 +81,12 @@ def _audit_path() -> None:
     _no_lightning()
 
 
+def _any_loop() -> None:
+    from dipreg.callbacks import DipAlertRule, DipTracker  # noqa: F401  (the any-loop API)
+
+    _no_lightning()
+
+
 def _lazy_module() -> None:
     import dipreg
 
@@ -117,6 +125,7 @@ def main(argv: list[str]) -> None:
         "import_dipreg": _import_dipreg,
         "cli_help": lambda: _cli_help(out_dir),
         "audit_path": _audit_path,
+        "any_loop": _any_loop,
         "lazy_module": _lazy_module,
         "each_module": lambda: _each_module(modules),
     }

@@ -7,8 +7,6 @@ The peers (TransformerLens, nnsight, nnterp) are optional: a test that needs one
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -234,55 +232,15 @@ def test_the_floor_runs_the_decoder_stack_on_every_batch_and_nothing_else(llama_
     assert rows == [len(b.rows) for b in inputs.batches] and sum(rows) == 2 * len(tiny_pairs) and heads == []
 
 
-HUNGRY_WORKER = """
-import json, sys
-import torch
-from dipreg.bench import peers_tools, peers_worker
-
-
-class Hungry:
-    lenses = ("logit",)
-
-    def __init__(self, *_args) -> None:
-        torch.ones(100 * 2**20).sum()  # 400 MB, freed at once: a peak before the run
-
-    def margins(self, lens):
-        if not hasattr(self, "cache"):
-            self.cache = torch.ones(50 * 2**20)  # 200 MB touched by the first run only, and kept (a first-use cost)
-        block = torch.ones(16 * 2**20)  # 64 MB held during every run
-        return block[:1]
-
-
-class HungryTool:
-    def build(self, *args):
-        return Hungry(*args)
-
-
-peers_tools.TOOLS["hungry"] = HungryTool()
-model_dir, pairs = sys.argv[1], sys.argv[2]
-print(json.dumps(peers_worker.measure(model_dir, pairs, "hungry", "logit", 4, "king king\\n?", "float32", "cpu")))
-"""
-
-
-def test_memory_worker_counts_the_run_not_what_came_before(tmp_path, llama_tiny, tiny_tokenizer, tiny_pairs):
+def test_memory_worker_counts_the_run_not_what_came_before(memory_worker):
     """A build that touches 400 MB and frees it, then runs that hold 64 MB each, the first of which also builds a
     200 MB cache it keeps: the worker reports about 264 for the first run and about 64 for the second.
 
-    Run in a fresh interpreter, as the bench runs every tool: in the test process, pages freed by earlier tests are
-    already resident and would absorb the 64 MB."""
-    llama_tiny.save_pretrained(tmp_path)
-    tiny_tokenizer.save_pretrained(tmp_path)
-    save_pairs(tiny_pairs, tmp_path / "pairs.jsonl")
-    script = tmp_path / "hungry_worker.py"
-    script.write_text(HUNGRY_WORKER)
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(tmp_path / "pairs.jsonl")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    Run in a fresh interpreter (``tests/hungry_worker.py``, started at collection), as the bench runs every tool: in
+    the test process, pages freed by earlier tests are already resident and would absorb the 64 MB."""
+    code, stdout, stderr = memory_worker
+    assert code == 0, stderr[-2000:]
+    result = json.loads(stdout.strip().splitlines()[-1])
     assert 56 <= result["added_mb"] <= 100, result  # the second run: the working memory only
     assert 256 <= result["first_run_mb"] <= 300, result  # the first run: the working memory and the kept cache
 

@@ -7,14 +7,16 @@ import math
 
 import torch
 
-from dipreg.selftest.__main__ import main
 from dipreg.selftest.parity import DEGRADATIONS
 
 
-def test_cpu_selftest_writes_parity_timings_and_versions(tmp_path):
-    code = main(["--device", "cpu", "--sizes", "tiny", "--architectures", "llama,gpt2", "--out", str(tmp_path)])
-    report = json.loads((tmp_path / "selftest.json").read_text())
-    assert code == 0 and report["parity_ok"] is True and report["device"] == "cpu"
+def test_cpu_selftest_writes_parity_timings_and_versions(cpu_selftest):
+    """The command as a user runs it (``python -m dipreg.selftest``, in a child process started at collection:
+    ``cpu_selftest`` in conftest)."""
+    code, output, out = cpu_selftest
+    report = json.loads((out / "selftest.json").read_text())
+    assert code == 0 and report["parity_ok"] is True and report["device"] == "cpu", output[-2000:]
+    assert f"wrote {out / 'selftest.json'}; parity ok" in output
     archs = report["parity"]["architectures"]
     assert set(archs) == {"llama", "gpt2"}
     for arch, row in archs.items():

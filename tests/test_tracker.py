@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -144,11 +142,10 @@ def test_without_a_tokenizer_the_first_probe_says_what_it_tried(tiny_pairs):
         tracker.probe(make_tiny_model("llama"), 0)
 
 
-def test_importing_the_tracker_does_not_import_lightning():
-    imports = "from dipreg.callbacks import DipAlertRule, DipTracker"  # the any-loop API: the tracker and the rule
-    code = f"import sys; {imports}; print('lightning.pytorch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+def test_importing_the_tracker_does_not_import_lightning(fresh_interpreter):
+    """``from dipreg.callbacks import DipAlertRule, DipTracker`` (the any-loop API) in a fresh interpreter imports no
+    Lightning (``tests/fresh_interpreter.py``, check ``any_loop``)."""
+    assert fresh_interpreter["any_loop"] is None, fresh_interpreter["any_loop"]
 
 
 def test_a_nan_reading_warns_once_and_keeps_nan(tiny_tokenizer, tiny_pairs):
