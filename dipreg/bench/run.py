@@ -96,11 +96,13 @@ def run_bench(
     ctx = BenchContext(model, tokenizer, pairs, batch_size, repeats, naive_pairs)
     ratios: list[Ratio] = []
     seconds: dict[str, float] = {}
-    with console.status("benchmarking…"):
-        for name, section in zip(names, chosen, strict=True):
+    with console.status("benchmarking…") as status:
+        for index, (name, section) in enumerate(zip(names, chosen, strict=True), start=1):
+            status.update(f"benchmarking: section {name} ({index} of {len(names)})…")
             start = time.perf_counter()
             ratios.extend(section(ctx, **options.get(name, {})))
             seconds[name] = round(time.perf_counter() - start, 1)
+            console.print(f"section {name} done in {seconds[name]:.0f} s ({index} of {len(names)})")
     table = Table(title=f"dipreg bench — {model_name or 'default:SmolLM2-135M-Instruct'}, {len(ctx.pairs)} pairs")
     for column in ("ratio", "value", "target", "met", "measured"):
         table.add_column(column)
