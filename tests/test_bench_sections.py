@@ -33,7 +33,7 @@ BENCHED = ["lens", "causal", "hinge", "monitor"]  # every section of dipreg.benc
 #: ratio name -> (regex reading the two reported timings from its detail, offset): value == a / b + offset.
 #: The detail strings are the published record of what each ratio divides; these patterns are their spec.
 REPORTED = {
-    "lens_vs_naive_speedup": (r"naive ([\d.]+)s / lens ([\d.]+)s", 0.0),
+    "lens_vs_naive_speedup": (r"naive ([\d.]+)s \(1 run\) / lens ([\d.]+)s", 0.0),
     "lens_vs_forward_ratio": (r"lens ([\d.]+)s / forward ([\d.]+)s", 0.0),
     "causal_vs_naive_speedup": (r"naive ([\d.]+)s \(1 run\) / causal ([\d.]+)s", 0.0),
     "causal_vs_lens_ratio": (r"causal-lens trajectories ([\d.]+)s / logit-lens trajectories ([\d.]+)s", 0.0),
@@ -80,7 +80,7 @@ def _target_met(target: str, value: float) -> bool | None:
 def scaled_clock(monkeypatch):
     """Every bench module reads a clock that runs CLOCK_SCALE times faster (and sleeps on the real one)."""
     clock = SimpleNamespace(perf_counter=lambda: CLOCK_SCALE * time.perf_counter(), sleep=time.sleep)
-    for module in (bench_core, bench_causal, bench_hinge, bench_monitor):
+    for module in (bench_core, bench_lens, bench_causal, bench_hinge, bench_monitor):
         monkeypatch.setattr(module, "time", clock)
 
 
@@ -131,6 +131,10 @@ def test_every_section_runs_and_bench_json_reports_ratios_of_its_own_timings(
         assert_ratio_of_reported_timings(name, saved[name], detail["measured"])
         assert detail["met"] == _target_met(detail["target"], saved[name]), name
     assert saved["details"]["monitor_overhead_small_step"]["met"] is None  # the scaling line carries no target
+    # The whole-set logit lens is timed once: the causal section divides by the time the lens section measured.
+    whole_lens = re.search(r"lens ([\d.]+)s / forward", saved["details"]["lens_vs_forward_ratio"]["measured"])
+    logit = re.search(r"logit-lens trajectories ([\d.]+)s", saved["details"]["causal_vs_lens_ratio"]["measured"])
+    assert whole_lens.group(1) == logit.group(1)
     assert "2 pairs: naive" in saved["details"]["lens_vs_naive_speedup"]["measured"]  # naive on --naive-pairs only
     sft = saved["details"]["monitor_overhead"]["measured"]
     assert "batch 2×16" in sft and "3 probes took" in sft  # steps 0, 2 and 4 of the 4-step fit

@@ -29,6 +29,9 @@ class BenchContext:
     batches: list[ContextBatch] = field(init=False)
     prefix_ids: list[int] = field(init=False)
     suffix_batches: list[ContextBatch] = field(init=False)
+    #: Times measured once and shared by the sections that need them (e.g. the whole-set logit lens, which the
+    #: ``lens`` and ``causal`` sections both divide by), so that a default run times each of them once.
+    shared_seconds: dict[str, float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.adapter = ModelAdapter(self.model)
@@ -53,15 +56,23 @@ class Ratio:
     detail: str
 
 
-def time_median(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one untimed warm-up run."""
-    fn()
+def time_median(fn: Callable[[], object], repeats: int, warmup: Callable[[], object] | None = None) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one untimed warm-up run: of ``warmup`` when given
+    (a cheaper call through the same code, e.g. the same function on a few pairs), else of ``fn`` itself."""
+    (warmup or fn)()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def shared_time_median(ctx: BenchContext, key: str, fn: Callable[[], object], warmup: Callable[[], object]) -> float:
+    """:func:`time_median` of ``fn``, measured once per context under ``key`` and reused by later sections."""
+    if key not in ctx.shared_seconds:
+        ctx.shared_seconds[key] = time_median(fn, ctx.repeats, warmup)
+    return ctx.shared_seconds[key]
 
 
 #: A bench section: a function of the shared context that returns its ratios.
