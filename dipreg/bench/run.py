@@ -36,7 +36,7 @@ SECTIONS: dict[str, str] = {
 #: Sections left out of the default selection, and why: each runs only when named in ``--only`` (``peers`` also by
 #: ``--peers``). The default sections run no Lightning fit.
 OPT_IN: dict[str, str] = {
-    "monitor": "four 30-step LoRA fits, about 11 min on a 2-core CPU",
+    "monitor": "four 30-step LoRA fits, about 12 min on a 2-core CPU",
     "peers": "needs the peers extra; times TransformerLens, nnsight and nnterp",
 }
 #: Pairs the ``peers`` section times the peers on (the first of the pair set): nnterp's patchscope runs every layer's
