@@ -10,10 +10,9 @@ import time
 import torch
 
 from dipreg.batching import context_batches
-from dipreg.bench.core import BenchContext, Ratio, shared_time_median, time_median
+from dipreg.bench.core import BenchContext, Ratio, time_median, time_once
 from dipreg.lenses.causal import CausalLens, naive_causal_margins
 from dipreg.stimuli import candidate_token_ids
-from dipreg.trajectory import trajectories
 
 #: The naive reference is run on as many contexts as fit in about this many seconds (at least two).
 NAIVE_BUDGET_S = 60.0
@@ -46,21 +45,17 @@ def causal_section(ctx: BenchContext) -> list[Ratio]:
     def fast() -> torch.Tensor:
         return CausalLens(adapter, ctx.tokenizer).margins(adapter, residuals, pos, neg)
 
-    t_fast = time_median(fast, ctx.repeats)
-    start = time.perf_counter()
-    naive = naive_causal_margins(adapter, neutral_ids, residuals, pos, neg)
-    t_naive = time.perf_counter() - start  # one run: the naive path is the slow one being measured
-    max_diff = float((fast() - naive).abs().max())
+    fast_margins = fast()  # the correctness side, also the warm-up of its timing
+    t_fast = time_median(fast, ctx.repeats, warmup=lambda: None)
+    # One run: the naive path is the slow one being measured (its per-context probe above was its warm-up).
+    t_naive, naive = time_once(lambda: naive_causal_margins(adapter, neutral_ids, residuals, pos, neg))
+    max_diff = float((fast_margins - naive).abs().max())
     speedup = t_naive / t_fast
 
-    def run(lens: str, on: BenchContext = ctx) -> object:
-        return trajectories(on.model, on.tokenizer, on.pairs, lens=lens, batch_size=on.batch_size)
-
-    # Whole-set timings warm up on the naive subset (same code and batch shapes); the logit lens's time is the one
-    # the `lens` section measured when it ran in this bench.
-    small = ctx.subset(num_pairs)
-    t_causal = time_median(lambda: run("causal"), ctx.repeats, lambda: run("causal", small))
-    t_logit = shared_time_median(ctx, "logit_trajectories", lambda: run("logit"), lambda: run("logit", small))
+    # The whole-set causal lens warms up on the naive subset; the logit lens's time is shared with the lens section.
+    small = ctx.naive_subset
+    t_causal = time_median(lambda: ctx.trajectories("causal"), ctx.repeats, lambda: small.trajectories("causal"))
+    t_logit = ctx.logit_lens_seconds()
     ratio = t_causal / t_logit
     subset = f"{2 * num_pairs} of {2 * len(ctx.pairs)} contexts ({num_pairs} pairs)"
     if num_pairs < len(ctx.pairs):

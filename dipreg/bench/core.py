@@ -8,11 +8,15 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, TypeVar
 
 from dipreg.adapter import ModelAdapter
 from dipreg.batching import ContextBatch, context_batches, shared_prefix_batches
 from dipreg.stimuli import MinimalPair
+from dipreg.trajectory import Trajectories, trajectories
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -29,9 +33,7 @@ class BenchContext:
     batches: list[ContextBatch] = field(init=False)
     prefix_ids: list[int] = field(init=False)
     suffix_batches: list[ContextBatch] = field(init=False)
-    #: Times measured once and shared by the sections that need them (e.g. the whole-set logit lens, which the
-    #: ``lens`` and ``causal`` sections both divide by), so that a default run times each of them once.
-    shared_seconds: dict[str, float] = field(init=False, default_factory=dict)
+    _logit_lens_seconds: float | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.adapter = ModelAdapter(self.model)
@@ -43,6 +45,23 @@ class BenchContext:
     def subset(self, count: int) -> BenchContext:
         """The same settings on the first ``count`` pairs (for references too slow to run on all of them)."""
         return BenchContext(self.model, self.tokenizer, self.pairs[:count], self.batch_size, self.repeats, count)
+
+    @cached_property
+    def naive_subset(self) -> BenchContext:
+        """The first ``naive_pairs`` pairs: where the slow references run and the whole-set timings warm up (the
+        same code and batch shapes as the whole set, a fraction of its time)."""
+        return self.subset(self.naive_pairs)
+
+    def trajectories(self, lens: str = "logit") -> Trajectories:
+        """``dipreg.trajectories`` of this context's model on its pairs with ``lens``, at its batch size."""
+        return trajectories(self.model, self.tokenizer, self.pairs, lens=lens, batch_size=self.batch_size)
+
+    def logit_lens_seconds(self) -> float:
+        """Median time of whole-set logit-lens trajectories, warmed up on :attr:`naive_subset`; measured on first
+        use and shared by every section that divides by it (``lens`` and ``causal``), so a bench times it once."""
+        if self._logit_lens_seconds is None:
+            self._logit_lens_seconds = time_median(self.trajectories, self.repeats, self.naive_subset.trajectories)
+        return self._logit_lens_seconds
 
 
 @dataclass(frozen=True)
@@ -68,11 +87,12 @@ def time_median(fn: Callable[[], object], repeats: int, warmup: Callable[[], obj
     return statistics.median(times)
 
 
-def shared_time_median(ctx: BenchContext, key: str, fn: Callable[[], object], warmup: Callable[[], object]) -> float:
-    """:func:`time_median` of ``fn``, measured once per context under ``key`` and reused by later sections."""
-    if key not in ctx.shared_seconds:
-        ctx.shared_seconds[key] = time_median(fn, ctx.repeats, warmup)
-    return ctx.shared_seconds[key]
+def time_once(fn: Callable[[], T]) -> tuple[float, T]:
+    """Wall time of one run of ``fn`` and its result: for a slow naive reference, the side of a ratio that is timed
+    once (after its own warm-up run elsewhere) rather than ``repeats`` times."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
 
 
 #: A bench section: a function of the shared context that returns its ratios.

@@ -6,13 +6,11 @@ Reports ratios only; asserts nothing about time.
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from dipreg.bench.core import BenchContext, Ratio, shared_time_median, time_median
+from dipreg.bench.core import BenchContext, Ratio, time_median, time_once
 from dipreg.kv_prefix import PrefixCache
 from dipreg.stimuli import candidate_token_ids
 from dipreg.trajectory import trajectories
@@ -56,7 +54,7 @@ def bf16_vs_fp32(ctx: BenchContext) -> Ratio:
     and in float32 (same weights; a copy in the other dtype), over every layer of ``ctx.naive_pairs`` pairs. It
     measures what bfloat16 does to the model's residuals (the lens itself computes in float32 either way); the
     detail gives it relative to the largest float32 margin and the share of items whose output sign agrees."""
-    small = ctx.subset(ctx.naive_pairs)
+    small = ctx.naive_subset
     dtype = next(p.dtype for p in ctx.model.parameters() if p.is_floating_point())
     other = copy.deepcopy(ctx.model).to(torch.float32 if dtype == torch.bfloat16 else torch.bfloat16)
     models = {dtype: ctx.model, other.dtype: other}
@@ -80,19 +78,13 @@ def lens_section(ctx: BenchContext) -> list[Ratio]:
     same pairs) and against a bare forward pass (on all pairs); and the bfloat16-vs-float32 margin difference
     (:func:`bf16_vs_fp32`)."""
 
-    def lens_on(c: BenchContext) -> Callable[[], object]:
-        return lambda: trajectories(c.model, c.tokenizer, c.pairs, batch_size=c.batch_size)
-
-    small = ctx.subset(ctx.naive_pairs)
-    fast = lens_on(small)()
+    small = ctx.naive_subset
+    fast = small.trajectories()  # the correctness check, also the warm-up of the lens's timing on these pairs
     naive = naive_full_vocab_margins(small)  # the correctness check, also the naive path's warm-up
     max_diff = max(float((fast.margin_a - naive[0::2]).abs().max()), float((fast.margin_b - naive[1::2]).abs().max()))
-    t_lens_small = time_median(lens_on(small), ctx.repeats)
-    start = time.perf_counter()
-    naive_full_vocab_margins(small)
-    t_naive = time.perf_counter() - start  # one (warm) run: the naive path is the slow one being measured
-    # The whole-set timings warm up on the naive subset: the same code and batch shapes, a fraction of the time.
-    t_lens = shared_time_median(ctx, "logit_trajectories", lens_on(ctx), lens_on(small))
+    t_lens_small = time_median(small.trajectories, ctx.repeats, warmup=lambda: None)
+    t_naive, _ = time_once(lambda: naive_full_vocab_margins(small))  # the naive path is the slow one being measured
+    t_lens = ctx.logit_lens_seconds()
     t_forward = time_median(lambda: bare_forward(ctx), ctx.repeats, lambda: bare_forward(small))
     speedup = t_naive / t_lens_small
     ratio = t_lens / t_forward
